@@ -1,0 +1,364 @@
+"""The rate-limiting algorithms, each a small state transition on a few float64 cells.
+
+A client's state for one policy is ``width`` consecutive float64 cells of a flat array, starting
+at offset ``b``; :mod:`limiter.table` owns the arrays. Every method is deterministic in
+``(cells, now, cost)``: no clock, no I/O, no allocation beyond Python floats. Times are seconds
+on the limiter's clock, costs are tokens (whole requests, or weighted units).
+
+Guarantees, for ``limit`` L per ``window`` W (see docs/algorithms.md):
+
+============== ======================================= ============== ==========================
+algorithm      any interval of length W holds at most   state (cells)  cost per decision
+============== ======================================= ============== ==========================
+sliding_log    L (exact, also with late timestamps)    L + 1          O(cost)
+token_bucket   burst + L                                2              O(1)
+gcra           burst + L                                1              O(1)
+fixed_window   2L (exactly L per aligned window)        2              O(1)
+sliding_window < 2L (approximate, exact for even load)  3              O(1)
+============== ======================================= ============== ==========================
+
+A request stamped earlier than what a client's state has already seen is decided as if it came
+at the latest time seen: late timestamps never earn tokens back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from .rate import Policy
+
+INF = math.inf
+
+if TYPE_CHECKING:
+    #: A flat float64 cell array as the request path sees it (a memoryview of a numpy array).
+    Cells = memoryview[float]
+else:
+    Cells = memoryview
+
+
+class Algorithm:
+    """Base: the methods every algorithm implements on cells ``s[b : b + width]``."""
+
+    name: ClassVar[str]
+    __slots__ = ("burst", "capacity", "limit", "policy", "width", "window")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.limit = policy.limit
+        self.window = policy.window
+        self.capacity = policy.capacity
+        self.width = len(self.fresh())
+
+    def fresh(self) -> tuple[float, ...]:
+        """Cell values of a client never seen: full allowance."""
+        raise NotImplementedError
+
+    def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        """Take ``cost`` tokens at ``now`` if all are available; otherwise change nothing."""
+        raise NotImplementedError
+
+    def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        """Whether :meth:`consume` would succeed, changing nothing."""
+        raise NotImplementedError
+
+    def remaining(self, s: Cells, b: int, now: float) -> int:
+        """Whole tokens a request at ``now`` could still take."""
+        raise NotImplementedError
+
+    def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
+        """Seconds from ``now`` until ``cost`` tokens are available (0 if now, inf if never)."""
+        raise NotImplementedError
+
+    def reset_after(self, s: Cells, b: int, now: float) -> float:
+        """Seconds from ``now`` until the state is back to :meth:`fresh` if nothing is admitted."""
+        raise NotImplementedError
+
+    def idle(self, s: Cells, b: int, now: float) -> bool:
+        """True when the state limits nothing any more: forgetting it changes no decision."""
+        return self.reset_after(s, b, now) <= 0.0
+
+
+class TokenBucket(Algorithm):
+    """Cells: ``used`` tokens (capacity minus tokens left), ``last`` refill time.
+
+    Refills ``limit / window`` tokens per second up to ``burst`` (default ``limit``).
+    """
+
+    name = "token_bucket"
+    __slots__ = ("rate",)
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__(policy)
+        self.rate = self.limit / self.window
+
+    def fresh(self) -> tuple[float, ...]:
+        return (0.0, -INF)
+
+    def _used(self, s: Cells, b: int, now: float) -> float:
+        elapsed = now - s[b + 1]
+        used: float = s[b]
+        if elapsed > 0.0:
+            used -= elapsed * self.rate
+            if used < 0.0:
+                used = 0.0
+        return used
+
+    def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        used = self._used(s, b, now)
+        if used + cost > self.capacity:
+            return False
+        s[b] = used + cost
+        if now > s[b + 1]:
+            s[b + 1] = now
+        return True
+
+    def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        return self._used(s, b, now) + cost <= self.capacity
+
+    def remaining(self, s: Cells, b: int, now: float) -> int:
+        return int(self.capacity - self._used(s, b, now))
+
+    def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
+        if cost > self.capacity:
+            return INF
+        used = self._used(s, b, now)
+        if used + cost <= self.capacity:
+            return 0.0
+        # A late request (now < last) is decided at ``last``, where ``used`` was written.
+        return max(0.0, s[b + 1] - now) + (used + cost - self.capacity) / self.rate
+
+    def reset_after(self, s: Cells, b: int, now: float) -> float:
+        return self._used(s, b, now) / self.rate + max(0.0, s[b + 1] - now)
+
+
+class GCRA(Algorithm):
+    """Generic cell rate algorithm: one cell, the theoretical arrival time ``tat``.
+
+    Emission interval ``T = window / limit``; tolerance ``burst * T``. The same meter as the token
+    bucket in one float.
+    """
+
+    name = "gcra"
+    __slots__ = ("interval", "tolerance")
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__(policy)
+        self.interval = self.window / self.limit
+        self.tolerance = self.capacity * self.interval
+
+    def fresh(self) -> tuple[float, ...]:
+        return (-INF,)
+
+    def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        tat: float = s[b]
+        if tat < now:
+            tat = now
+        new_tat = tat + cost * self.interval
+        if new_tat - now > self.tolerance:
+            return False
+        s[b] = new_tat
+        return True
+
+    def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        return max(s[b], now) + cost * self.interval - now <= self.tolerance
+
+    def remaining(self, s: Cells, b: int, now: float) -> int:
+        backlog = max(s[b], now) - now
+        return max(0, int((self.tolerance - backlog) / self.interval + 1e-6))
+
+    def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
+        if cost > self.capacity:
+            return INF
+        return max(0.0, max(s[b], now) + cost * self.interval - self.tolerance - now)
+
+    def reset_after(self, s: Cells, b: int, now: float) -> float:
+        return max(0.0, s[b] - now)
+
+
+class FixedWindow(Algorithm):
+    """Cells: ``start`` of the current window (aligned to multiples of ``window``), ``count``."""
+
+    name = "fixed_window"
+    __slots__ = ()
+
+    def fresh(self) -> tuple[float, ...]:
+        return (-INF, 0.0)
+
+    def _count(self, s: Cells, b: int, now: float) -> float:
+        # A window that began at or before now - W has ended; its count no longer applies.
+        return s[b + 1] if s[b] > now - self.window else 0.0
+
+    def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        start = s[b]
+        if start > now - self.window:
+            count: float = s[b + 1] + cost
+            if count > self.limit:
+                return False
+            s[b + 1] = count
+            return True
+        if cost > self.limit:
+            return False
+        s[b] = math.floor(now / self.window) * self.window
+        s[b + 1] = float(cost)
+        return True
+
+    def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        return self._count(s, b, now) + cost <= self.limit
+
+    def remaining(self, s: Cells, b: int, now: float) -> int:
+        return int(self.limit - self._count(s, b, now))
+
+    def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
+        if cost > self.limit:
+            return INF
+        if self._count(s, b, now) + cost <= self.limit:
+            return 0.0
+        return s[b] + self.window - now
+
+    def reset_after(self, s: Cells, b: int, now: float) -> float:
+        return max(0.0, s[b] + self.window - now) if s[b + 1] > 0.0 else 0.0
+
+
+class SlidingWindow(Algorithm):
+    """Sliding window counter: cells ``start`` of the current aligned window, ``cur``, ``prev``.
+
+    Estimates the count in ``(now - W, now]`` as ``prev * (1 - f) + cur``, ``f`` the elapsed
+    fraction of the current window (Cloudflare's approximation).
+    """
+
+    name = "sliding_window"
+    __slots__ = ()
+
+    def fresh(self) -> tuple[float, ...]:
+        return (-INF, 0.0, 0.0)
+
+    def _roll(self, s: Cells, b: int, now: float) -> tuple[float, float, float]:
+        """(start, cur, prev) as seen at ``now``, without writing."""
+        w = self.window
+        start: float = s[b]
+        if now - start < w:  # includes late timestamps: decided in the newest window
+            return start, s[b + 1], s[b + 2]
+        new_start = math.floor(now / w) * w
+        if new_start - start < 1.5 * w:  # exactly the next window
+            return new_start, 0.0, s[b + 1]
+        return new_start, 0.0, 0.0
+
+    def _estimate(self, start: float, cur: float, prev: float, now: float) -> float:
+        f = (now - start) / self.window
+        if f < 0.0:
+            f = 0.0
+        return prev * (1.0 - f) + cur
+
+    def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        start, cur, prev = self._roll(s, b, now)
+        if self._estimate(start, cur, prev, now) + cost > self.limit:
+            return False
+        s[b] = start
+        s[b + 1] = cur + cost
+        s[b + 2] = prev
+        return True
+
+    def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        start, cur, prev = self._roll(s, b, now)
+        return self._estimate(start, cur, prev, now) + cost <= self.limit
+
+    def remaining(self, s: Cells, b: int, now: float) -> int:
+        start, cur, prev = self._roll(s, b, now)
+        return max(0, int(self.limit - self._estimate(start, cur, prev, now)))
+
+    def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
+        if cost > self.limit:
+            return INF
+        start, cur, prev = self._roll(s, b, now)
+        w, room = self.window, self.limit - cost
+        if self._estimate(start, cur, prev, now) <= room:
+            return 0.0
+        if cur <= room and prev > 0.0:  # this window, once prev has decayed enough
+            return max(0.0, start + w * (1.0 - (room - cur) / prev) - now)
+        # next window, once this window's count has decayed enough
+        return max(0.0, start + w + w * (1.0 - room / cur) - now)
+
+    def reset_after(self, s: Cells, b: int, now: float) -> float:
+        start, cur, prev = self._roll(s, b, now)
+        if cur > 0.0:
+            return start + 2.0 * self.window - now
+        if prev > 0.0:
+            return start + self.window - now
+        return 0.0
+
+
+class SlidingLog(Algorithm):
+    """Exact sliding window log: a ring of the last ``limit`` admission times and its ``head``.
+
+    A request of cost c at ``now`` is admitted iff the c ring cells from ``head`` (the oldest
+    admissions, in admission order) all lie at or before ``now - window``. With any admission
+    order, two admissions ``limit`` apart in that order are at least ``window`` apart in time, so
+    no interval ``(t - W, t]`` ever holds more than ``limit`` (pigeonhole on the ring index).
+    """
+
+    name = "sliding_log"
+    __slots__ = ()
+
+    def fresh(self) -> tuple[float, ...]:
+        return (-INF,) * self.limit + (0.0,)
+
+    def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        n = self.limit
+        if cost > n:
+            return False
+        head = int(s[b + n])
+        horizon = now - self.window
+        if cost == 1:
+            if s[b + head] > horizon:
+                return False
+            s[b + head] = now
+            s[b + n] = float(head + 1 if head + 1 < n else 0)
+            return True
+        for k in range(cost):
+            if s[b + (head + k) % n] > horizon:
+                return False
+        for k in range(cost):
+            s[b + (head + k) % n] = now
+        s[b + n] = float((head + cost) % n)
+        return True
+
+    def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        n = self.limit
+        if cost > n:
+            return False
+        head = int(s[b + n])
+        horizon = now - self.window
+        return all(s[b + (head + k) % n] <= horizon for k in range(cost))
+
+    def _ring(self, s: Cells, b: int) -> np.ndarray:
+        """The ring in admission order, oldest first (a copy)."""
+        n = self.limit
+        cells = np.asarray(s)[b : b + n]
+        return np.roll(cells, -int(s[b + n]))
+
+    def remaining(self, s: Cells, b: int, now: float) -> int:
+        live = self._ring(s, b) > now - self.window
+        return int(np.argmax(live)) if live.any() else self.limit
+
+    def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
+        if cost > self.limit:
+            return INF
+        blocking = self._ring(s, b)[:cost]
+        return max(0.0, float(blocking.max()) + self.window - now)
+
+    def reset_after(self, s: Cells, b: int, now: float) -> float:
+        newest = float(np.asarray(s)[b : b + self.limit].max())
+        return max(0.0, newest + self.window - now)
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (SlidingLog, TokenBucket, GCRA, FixedWindow, SlidingWindow)
+}
+
+
+def make_algorithm(policy: Policy) -> Algorithm:
+    """The algorithm object a policy names, with its parameters precomputed."""
+    return ALGORITHMS[policy.algorithm](policy)

@@ -1,0 +1,204 @@
+"""Approximate mode: local decisions against leases granted by the aggregator.
+
+A lease is tokens plus an expiry on the limiter's clock. A client holds up to two (the current
+grant and the one before it, each spent until its own expiry, the earlier first), because the
+aggregator charges each grant to the window until that expiry: spending a token after its
+lease's expiry would break the bound. Without a live lease a request is decided by:
+
+- **degraded** (no grant batch for ``degraded_after`` seconds: aggregator or Kafka down): a
+  static share ``limit / N`` per window, ``N`` the active server count of the last grant batch
+  (``expected_servers`` before any), paced by GCRA that admits a request of cost c only once
+  its meter has drained and then holds it for ``c * window * N / limit``: at most
+  ``limit / N + c_max`` tokens per window per server, never unlimited;
+- **cold start** (the stream is healthy but this client has no lease here yet): ``optimistic``
+  admits up to ``cold_start_allowance * limit`` tokens (at least one) per window while the usage
+  report asks for a lease; ``wait`` holds the request up to ``wait_timeout`` for one; ``reject``
+  refuses.
+
+Every decision is counted in the client's usage cells (tokens admitted from a lease, admitted
+outside leases, rejected, waiting), which the streaming agent drains every report interval.
+
+Cells per client (float64; the last holds the stable key's int64 bits).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .algorithms import Algorithm, Cells
+from .rate import Policy
+
+# cell offsets
+TOKENS1, EXPIRY1, TOKENS2, EXPIRY2 = 0, 1, 2, 3
+COLD_START, COLD_USED, DEGRADED_TAT = 4, 5, 6
+#: Usage since the last drain, in tokens: admitted from leases, admitted outside leases
+#: (cold start, degraded), rejected, and waiting for a lease.
+ADMITTED, EXTRA, REJECTED, WANTED = 7, 8, 9, 10
+USAGE = slice(ADMITTED, WANTED + 1)
+KEY = 11
+WIDTH = 12
+
+COLD_START_POLICIES = ("optimistic", "wait", "reject")
+
+INF = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseOptions:
+    """The approximate mode's behaviour; defaults documented in docs/consistency.md."""
+
+    #: ``optimistic``, ``wait`` or ``reject``: a request with no lease while the stream is healthy.
+    cold_start: str = "optimistic"
+    #: Optimistic cold start admits this fraction of the limit per window per server (min 1 token).
+    cold_start_allowance: float = 0.01
+    #: Servers assumed for the degraded share before the first grant batch says how many there are.
+    expected_servers: int = 1
+    #: Seconds without any grant batch after which the degraded share applies.
+    degraded_after: float = 1.0
+    #: Longest a ``wait`` cold start holds a request, seconds.
+    wait_timeout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.cold_start not in COLD_START_POLICIES:
+            raise ValueError(
+                f"unknown cold_start {self.cold_start!r}; choose one of "
+                f"{', '.join(COLD_START_POLICIES)}"
+            )
+        for name in ("cold_start_allowance", "degraded_after", "wait_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
+        if (
+            isinstance(self.expected_servers, bool)
+            or not isinstance(self.expected_servers, int)
+            or self.expected_servers < 1
+        ):
+            raise ValueError(f"expected_servers must be an int >= 1, got {self.expected_servers!r}")
+
+
+class LeaseAlgorithm(Algorithm):
+    """The approximate-mode decision on one client's lease cells (see the module docstring)."""
+
+    name = "lease"
+    __slots__ = ("allowance", "degraded_after", "interval", "last_grant", "options", "servers")
+
+    def __init__(self, policy: Policy, options: LeaseOptions, now: float) -> None:
+        super().__init__(policy)
+        self.options = options
+        self.degraded_after = options.degraded_after
+        self.allowance = 0.0
+        if options.cold_start == "optimistic":
+            self.allowance = max(1.0, math.floor(options.cold_start_allowance * policy.limit))
+        #: When the last grant batch arrived (limiter clock); the stream counts healthy from start.
+        self.last_grant = now
+        self.servers = options.expected_servers
+        self.interval = self.window * self.servers / self.limit
+
+    def fresh(self) -> tuple[float, ...]:
+        return (0.0, -INF, 0.0, -INF, -INF, 0.0, -INF, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def set_servers(self, servers: int) -> None:
+        """The active server count the degraded share divides the limit by."""
+        self.servers = max(1, servers)
+        self.interval = self.window * self.servers / self.limit
+
+    def degraded(self, now: float) -> bool:
+        return now - self.last_grant > self.degraded_after
+
+    def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        e1 = s[b + EXPIRY1]
+        e2 = s[b + EXPIRY2]
+        if e1 > now or e2 > now:
+            t1: float = s[b + TOKENS1] if e1 > now else 0.0
+            t2: float = s[b + TOKENS2] if e2 > now else 0.0
+            if t1 + t2 < cost:
+                s[b + REJECTED] += cost
+                return False
+            # spend the lease that expires first (an expired one holds 0 live tokens)
+            if e1 <= e2:
+                first, have, other, rest = TOKENS1, t1, TOKENS2, t2
+            else:
+                first, have, other, rest = TOKENS2, t2, TOKENS1, t1
+            if have >= cost:
+                s[b + first] = have - cost
+            else:
+                s[b + first] = 0.0
+                s[b + other] = rest - (cost - have)
+            s[b + ADMITTED] += cost
+            return True
+        if now - self.last_grant > self.degraded_after:
+            # GCRA at limit / N per window, admitting only once the meter has drained
+            tat: float = s[b + DEGRADED_TAT]
+            if tat > now:
+                s[b + REJECTED] += cost
+                return False
+            s[b + DEGRADED_TAT] = now + cost * self.interval
+            s[b + EXTRA] += cost
+            return True
+        if now - s[b + COLD_START] >= self.window:
+            s[b + COLD_START] = now
+            s[b + COLD_USED] = 0.0
+        used = s[b + COLD_USED] + cost
+        if used <= self.allowance:
+            s[b + COLD_USED] = used
+            s[b + EXTRA] += cost
+            return True
+        if self.options.cold_start == "wait":
+            s[b + WANTED] += cost
+        else:
+            s[b + REJECTED] += cost
+        return False
+
+    def leased(self, s: Cells, b: int, now: float) -> bool:
+        """Whether the client holds a live lease (possibly empty) at ``now``."""
+        return bool(s[b + EXPIRY1] > now or s[b + EXPIRY2] > now)
+
+    def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        return self.remaining(s, b, now) >= cost
+
+    def remaining(self, s: Cells, b: int, now: float) -> int:
+        if self.leased(s, b, now):
+            t1 = s[b + TOKENS1] if s[b + EXPIRY1] > now else 0.0
+            t2 = s[b + TOKENS2] if s[b + EXPIRY2] > now else 0.0
+            return int(t1 + t2)
+        if self.degraded(now):
+            return 1 if s[b + DEGRADED_TAT] <= now else 0
+        if now - s[b + COLD_START] >= self.window:
+            return int(self.allowance)
+        return int(self.allowance - s[b + COLD_USED])
+
+    def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
+        if self.allows(s, b, now, cost):
+            return 0.0
+        if not self.leased(s, b, now) and self.degraded(now):
+            return max(0.0, s[b + DEGRADED_TAT] - now)
+        # the next grant may bring tokens: a report interval and a tick, about
+        return min(self.window, 0.2)
+
+    def reset_after(self, s: Cells, b: int, now: float) -> float:
+        ends = [
+            s[b + EXPIRY1],
+            s[b + EXPIRY2],
+            s[b + DEGRADED_TAT],
+            s[b + COLD_START] + self.window,
+        ]
+        return max(0.0, max(ends) - now)
+
+    def idle(self, s: Cells, b: int, now: float) -> bool:
+        if s[b + ADMITTED] or s[b + EXTRA] or s[b + REJECTED] or s[b + WANTED]:
+            return False  # usage not yet reported
+        return self.reset_after(s, b, now) <= 0.0
+
+    def grant(self, s: Cells, b: int, tokens: float, expiry: float, now: float) -> None:
+        """Install a lease: into a dead lease cell, else over the one that expires first."""
+        e1 = s[b + EXPIRY1]
+        e2 = s[b + EXPIRY2]
+        if e1 <= now or (e2 > now and e1 <= e2):
+            s[b + TOKENS1] = tokens
+            s[b + EXPIRY1] = expiry
+        else:
+            s[b + TOKENS2] = tokens
+            s[b + EXPIRY2] = expiry

@@ -1,0 +1,492 @@
+"""``RateLimiter``: local decisions in microseconds against per-client state in compact arrays."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .algorithms import Algorithm, make_algorithm
+from .clientid import MAX_CLIENT_ID_LENGTH, validate_client_id
+from .decision import Decision, Reason
+from .errors import AcquireTimeout, RateLimitExceeded
+from .keys import client_key, signed
+from .lease import KEY, USAGE, WIDTH, LeaseAlgorithm, LeaseOptions
+from .rate import DEFAULT_ALGORITHM, Policy, parse_rates
+from .request import Request
+from .table import ClientTable, Shard
+
+#: Requests stamped more than this many seconds before now are refused as ``stale``.
+DEFAULT_MAX_REQUEST_AGE = 10.0
+#: Requests stamped more than this many seconds after now are refused as ``future``.
+DEFAULT_MAX_CLOCK_SKEW = 1.0
+#: Most clients tracked at once (about; enforced per shard). At ~50 bytes each: ~200 MiB.
+DEFAULT_MAX_CLIENTS = 1 << 22
+#: Independent lock-protected shards of the client table.
+DEFAULT_SHARDS = 16
+#: ``local``: this process alone; ``approximate``: leases streamed from the aggregator.
+MODES = ("local", "approximate")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Usage drained from an approximate-mode limiter: one row per client with any, in tokens.
+
+    ``keys`` are stable client keys (uint64); ``admitted`` came from leases, ``extra`` was admitted
+    outside leases (cold start, degraded), ``rejected`` was refused, ``wanted`` is still waiting.
+    """
+
+    keys: np.ndarray
+    admitted: np.ndarray
+    extra: np.ndarray
+    rejected: np.ndarray
+    wanted: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+
+_MAX_ID = MAX_CLIENT_ID_LENGTH
+
+
+def _tolerance(name: str, value: float | None) -> float:
+    """A time tolerance in seconds; ``None`` disables the check (infinite tolerance)."""
+    if value is None:
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{name} must be a number of seconds or None, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    return float(value)
+
+
+class RateLimiter:
+    """At most ``max_requests`` per ``time_window_seconds`` for each client, decided locally.
+
+    ``RateLimiter(100, 60)`` admits at most 100 requests per client in any 60-second interval
+    (sliding log, exact). Options:
+
+    - ``algorithm``: ``sliding_log`` (default, exact), ``token_bucket``, ``gcra``,
+      ``fixed_window``, ``sliding_window``; ``burst``: bucket capacity for the bucket algorithms.
+    - ``policies``: several :class:`Policy` (or a rate string such as ``"10/s; 1000/hour"``)
+      instead of ``max_requests`` and ``time_window_seconds``; a request passes only if every
+      policy passes, and a refusal consumes from none.
+    - ``clock``: seconds, ``time.time`` by default (the clock ``Request`` stamps with);
+      ``sleep``: what :meth:`acquire` waits with.
+    - ``max_request_age`` (default 10 s) and ``max_clock_skew`` (default 1 s): requests stamped
+      before ``now - max_request_age`` are refused as ``stale``, after ``now + max_clock_skew``
+      as ``future``. ``None`` turns a check off.
+    - ``max_clients`` (default 4,194,304) and ``shards`` (default 16): memory cap and lock
+      striping of the client table.
+    - ``mode``: ``local`` (default) or ``approximate``: decisions against leases that the
+      streaming agent (``producer.Agent``) receives from the aggregator; ``lease_options``
+      (:class:`LeaseOptions`) sets its cold-start and degraded behaviour. One policy only.
+
+    Thread-safe: each shard of the table has its own lock, held for one decision.
+    """
+
+    __slots__ = (
+        "_agent_lock",
+        "_algos",
+        "_by_key",
+        "_clock",
+        "_consume1",
+        "_keyed",
+        "_lease",
+        "_max_age",
+        "_max_skew",
+        "_shard_mask",
+        "_shards",
+        "_sleep",
+        "_table",
+        "_w0",
+        "_waits",
+        "policies",
+    )
+
+    def __init__(
+        self,
+        max_requests: int | None = None,
+        time_window_seconds: float | None = None,
+        *,
+        policies: Sequence[Policy] | str | None = None,
+        algorithm: str | None = None,
+        burst: int | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        max_request_age: float | None = DEFAULT_MAX_REQUEST_AGE,
+        max_clock_skew: float | None = DEFAULT_MAX_CLOCK_SKEW,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        shards: int = DEFAULT_SHARDS,
+        mode: str = "local",
+        lease_options: LeaseOptions | None = None,
+    ) -> None:
+        self.policies = _resolve_policies(
+            max_requests, time_window_seconds, policies, algorithm, burst
+        )
+        if isinstance(max_clients, bool) or not isinstance(max_clients, int) or max_clients < 1:
+            raise ValueError(f"max_clients must be a whole number >= 1, got {max_clients!r}")
+        if isinstance(shards, bool) or not isinstance(shards, int):
+            raise ValueError(f"shards must be a whole number, got {shards!r}")
+        if not callable(clock) or not callable(sleep):
+            raise ValueError("clock and sleep must be callables")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self._lease: LeaseAlgorithm | None = None
+        if mode == "approximate":
+            if len(self.policies) != 1:
+                raise ValueError("approximate mode takes exactly one policy")
+            self._lease = LeaseAlgorithm(self.policies[0], lease_options or LeaseOptions(), clock())
+            self._algos: tuple[Algorithm, ...] = (self._lease,)
+        elif lease_options is not None:
+            raise ValueError("lease_options apply to mode='approximate' only")
+        else:
+            self._algos = tuple(make_algorithm(p) for p in self.policies)
+        self._keyed = self._lease is not None
+        self._waits = self._lease is not None and self._lease.options.cold_start == "wait"
+        #: stable key -> client hash, for the clients in the last two usage drains
+        self._by_key: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        self._agent_lock = threading.Lock()
+        self._consume1 = self._algos[0].consume if len(self._algos) == 1 else None
+        self._w0 = self._algos[0].width
+        self._clock = clock
+        self._sleep = sleep
+        self._max_age = _tolerance("max_request_age", max_request_age)
+        self._max_skew = _tolerance("max_clock_skew", max_clock_skew)
+        self._table = ClientTable(
+            [a.width for a in self._algos],
+            [a.fresh() for a in self._algos],
+            self._idle,
+            max_clients=max_clients,
+            shards=shards,
+        )
+        self._shards = self._table.shards
+        self._shard_mask = self._table.shard_mask
+
+    @classmethod
+    def from_rates(cls, rates: str, **options: object) -> RateLimiter:
+        """``RateLimiter.from_rates("10/second; 1000/hour", algorithm="gcra")``."""
+        return cls(policies=rates, **options)  # type: ignore[arg-type]
+
+    # -- the seed API --------------------------------------------------------------------------
+
+    def allow_request(self, client_id: str, request: Request) -> bool:
+        """Admit (True) or refuse one request of ``client_id`` at ``request.timestamp``."""
+        if type(client_id) is not str or not 0 < len(client_id) <= _MAX_ID:
+            client_id = validate_client_id(client_id)
+        now = request.timestamp
+        t = self._clock()
+        if now < t - self._max_age or now > t + self._max_skew:
+            return False
+        h = hash(client_id) or 1
+        shard = self._shards[h & self._shard_mask]
+        lock = shard.lock
+        lock.acquire()
+        try:
+            i = (h >> shard.shift) & shard.mask
+            if shard.kv[i] != h:  # not in its home slot: probe (or insert)
+                i = shard.slot(h, now)
+                if i < 0:
+                    return False
+                if self._keyed:
+                    self._set_key(shard, i, client_id)
+            consume = self._consume1
+            if consume is not None:
+                ok = consume(shard.views[0], i * self._w0, now, 1)
+            else:
+                ok = self._consume_all(shard, i, now, 1)
+        finally:
+            lock.release()
+        if ok or not self._waits:
+            return ok
+        return self._wait_for_lease(client_id, 1).allowed
+
+    def clear_client(self, client_id: str) -> None:
+        """Forget everything about ``client_id``: its next request starts with a full allowance."""
+        client_id = validate_client_id(client_id)
+        h = hash(client_id) or 1
+        shard = self._shards[h & self._shard_mask]
+        with shard.lock:
+            i = shard.find(h)
+            if i >= 0:
+                shard.delete(i)
+
+    # -- the Decision API ----------------------------------------------------------------------
+
+    def check(self, client_id: str, *, cost: int = 1, now: float | None = None) -> Decision:
+        """Decide ``cost`` tokens at ``now`` (default: the clock); consumes them if allowed."""
+        return self._decide(client_id, cost, now, consume=True)
+
+    def peek(self, client_id: str, *, cost: int = 1, now: float | None = None) -> Decision:
+        """What :meth:`check` would answer, consuming nothing and tracking no new client."""
+        return self._decide(client_id, cost, now, consume=False)
+
+    def acquire(self, client_id: str, cost: int = 1, timeout: float | None = None) -> Decision:
+        """Wait until ``cost`` tokens are granted and take them.
+
+        Raises :class:`AcquireTimeout` (nothing consumed) if that would take longer than
+        ``timeout`` seconds, or :class:`RateLimitExceeded` at once if it never can.
+        """
+        deadline = None if timeout is None else self._clock() + timeout
+        while True:
+            decision = self.check(client_id, cost=cost)
+            wait = self._wait_or_raise(client_id, decision, deadline)
+            if wait is None:
+                return decision
+            self._sleep(wait)
+
+    async def acquire_async(
+        self, client_id: str, cost: int = 1, timeout: float | None = None
+    ) -> Decision:
+        """:meth:`acquire` for asyncio: waits with ``asyncio.sleep``, never blocks the loop."""
+        deadline = None if timeout is None else self._clock() + timeout
+        while True:
+            decision = self.check(client_id, cost=cost)
+            wait = self._wait_or_raise(client_id, decision, deadline)
+            if wait is None:
+                return decision
+            await asyncio.sleep(wait)
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Clients tracked now."""
+        return len(self._table)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the client table's arrays."""
+        return self._table.nbytes()
+
+    # -- approximate mode: what the streaming agent calls ---------------------------------------
+
+    @property
+    def lease(self) -> LeaseAlgorithm:
+        """The approximate mode's lease state (policy, degraded share, last grant time)."""
+        if self._lease is None:
+            raise RuntimeError("this limiter is in local mode; use mode='approximate'")
+        return self._lease
+
+    def now(self) -> float:
+        """The limiter's clock, seconds."""
+        return self._clock()
+
+    def drain_usage(self) -> Usage:
+        """Take (and zero) every client's usage since the last drain; each shard lock briefly."""
+        lease = self.lease
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for shard in self._shards:
+            with shard.lock:
+                cells = shard.arrays[0].reshape(-1, lease.width)
+                usage = cells[:, USAGE]
+                rows = np.flatnonzero(usage.any(axis=1))
+                if rows.size == 0:
+                    continue
+                counts = usage[rows]
+                usage[rows] = 0.0
+                keys = cells[rows, KEY].view(np.int64)
+                hashes = shard.keys[rows]
+            parts.append((keys, hashes, counts))
+        if not parts:
+            empty = np.zeros(0)
+            return Usage(np.zeros(0, dtype=np.uint64), empty, empty, empty, empty)
+        keys = np.concatenate([p[0] for p in parts])
+        counts = np.concatenate([p[2] for p in parts])
+        index = dict(
+            zip(keys.tolist(), np.concatenate([p[1] for p in parts]).tolist(), strict=True)
+        )
+        with self._agent_lock:
+            self._by_key = (index, self._by_key[0])
+        return Usage(keys.view(np.uint64), counts[:, 0], counts[:, 1], counts[:, 2], counts[:, 3])
+
+    def apply_grants(self, keys: np.ndarray, tokens: np.ndarray, expiry: float) -> int:
+        """Install leases of ``tokens`` until ``expiry`` (limiter clock) for stable ``keys``.
+
+        Only clients drained in the last two usage reports can be found; returns how many grants
+        were installed (the rest name clients this limiter no longer tracks).
+        """
+        lease = self.lease
+        now = self._clock()
+        with self._agent_lock:
+            recent, older = self._by_key
+        installed = 0
+        signed_keys = keys.astype(np.uint64).view(np.int64).tolist()
+        for key, amount in zip(signed_keys, tokens.tolist(), strict=True):
+            h = recent.get(key)
+            if h is None:
+                h = older.get(key)
+                if h is None:
+                    continue
+            shard = self._shards[h & self._shard_mask]
+            with shard.lock:
+                i = shard.find(h)
+                if i < 0:
+                    continue
+                lease.grant(shard.views[0], i * lease.width, float(amount), expiry, now)
+            installed += 1
+        return installed
+
+    def note_grant_batch(self, received_at: float, servers: int) -> None:
+        """A grant batch arrived (the stream is healthy); ``servers`` are active in the fleet."""
+        lease = self.lease
+        lease.last_grant = received_at
+        if servers != lease.servers:
+            lease.set_servers(servers)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _set_key(self, shard: Shard, i: int, client_id: str) -> None:
+        """Store the stable key of a newly tracked client (approximate mode)."""
+        cell = i * WIDTH + KEY
+        ints = shard.ints[0]
+        if ints[cell] == 0:
+            ints[cell] = signed(client_key(client_id))
+
+    def _wait_for_lease(self, client_id: str, cost: int) -> Decision:
+        """``wait`` cold start: poll up to ``wait_timeout`` for a lease, then decide again."""
+        lease = self.lease
+        deadline = self._clock() + lease.options.wait_timeout
+        h = hash(client_id) or 1
+        shard = self._shards[h & self._shard_mask]
+        while True:
+            now = self._clock()
+            with shard.lock:
+                i = shard.find(h)
+                ready = i >= 0 and lease.leased(shard.views[0], i * WIDTH, now)
+            if ready or now >= deadline:
+                break
+            self._sleep(min(0.005, deadline - now))
+        decision = self._decide(client_id, cost, None, consume=True, wait=False)
+        return decision
+
+    def _wait_or_raise(
+        self, client_id: str, decision: Decision, deadline: float | None
+    ) -> float | None:
+        """None when granted; else seconds to sleep before trying again."""
+        if decision.allowed:
+            return None
+        wait = decision.retry_after
+        if math.isinf(wait) or decision.reason not in (Reason.LIMITED, Reason.CAPACITY):
+            raise RateLimitExceeded(
+                client_id, decision, f"{client_id!r} can never be granted: {decision.reason}"
+            )
+        if deadline is not None and self._clock() + wait > deadline:
+            raise AcquireTimeout(
+                client_id,
+                decision,
+                f"{client_id!r} would wait {wait:.3f} s, beyond the acquire timeout",
+            )
+        return max(wait, 1e-4)
+
+    def _consume_all(self, shard: Shard, i: int, now: float, cost: int) -> bool:
+        """All policies or none: check every one, then take from every one."""
+        views = shard.views
+        for algo, s in zip(self._algos, views, strict=True):
+            if not algo.allows(s, i * algo.width, now, cost):
+                return False
+        for algo, s in zip(self._algos, views, strict=True):
+            algo.consume(s, i * algo.width, now, cost)
+        return True
+
+    def _idle(self, shard: Shard, i: int, now: float) -> bool:
+        views = shard.views
+        return all(a.idle(s, i * a.width, now) for a, s in zip(self._algos, views, strict=True))
+
+    def _refusal(self, reason: Reason, retry_after: float) -> Decision:
+        p = self.policies[0]
+        return Decision(False, p.limit, 0, 0.0, retry_after, reason)
+
+    def _decide(
+        self, client_id: str, cost: int, now: float | None, *, consume: bool, wait: bool = True
+    ) -> Decision:
+        client_id = validate_client_id(client_id)
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+            raise ValueError(f"cost must be a whole number >= 1, got {cost!r}")
+        t = self._clock()
+        if now is None:
+            now = t
+        elif now < t - self._max_age:
+            return self._refusal(Reason.STALE, math.inf)
+        elif now > t + self._max_skew:
+            return self._refusal(Reason.FUTURE, now - t - self._max_skew)
+        if any(cost > a.capacity for a in self._algos):
+            return self._refusal(Reason.COST_EXCEEDS_LIMIT, math.inf)
+        h = hash(client_id) or 1
+        shard = self._shards[h & self._shard_mask]
+        with shard.lock:
+            i = shard.slot(h, now) if consume else shard.find(h)
+            if i < 0 and consume:
+                return self._refusal(Reason.CAPACITY, 1.0)
+            if i < 0:
+                return self._fresh_decision(cost)
+            if self._keyed:
+                self._set_key(shard, i, client_id)
+            allowed = (
+                self._consume_all(shard, i, now, cost)
+                if consume
+                else all(
+                    a.allows(s, i * a.width, now, cost)
+                    for a, s in zip(self._algos, shard.views, strict=True)
+                )
+            )
+            decision = self._describe(shard, i, now, cost, allowed)
+        if allowed or not consume or not wait or not self._waits:
+            return decision
+        return self._wait_for_lease(client_id, cost)
+
+    def _describe(self, shard: Shard, i: int, now: float, cost: int, allowed: bool) -> Decision:
+        """The Decision for slot ``i`` after the decision: the most restrictive policy speaks."""
+        best: tuple[int, float, int] | None = None
+        retry = 0.0
+        for a, s in zip(self._algos, shard.views, strict=True):
+            b = i * a.width
+            remaining = a.remaining(s, b, now)
+            if best is None or remaining < best[0]:
+                best = (remaining, a.reset_after(s, b, now), a.limit)
+            if not allowed:
+                retry = max(retry, a.retry_after(s, b, now, cost))
+        assert best is not None
+        remaining, reset_after, limit = best
+        return Decision(
+            allowed, limit, remaining, reset_after, retry, Reason.OK if allowed else Reason.LIMITED
+        )
+
+    def _fresh_decision(self, cost: int) -> Decision:
+        a = min(self._algos, key=lambda a: a.capacity)
+        return Decision(True, a.limit, a.capacity, 0.0, 0.0, Reason.OK)
+
+
+def _resolve_policies(
+    max_requests: int | None,
+    window: float | None,
+    policies: Sequence[Policy] | str | None,
+    algorithm: str | None,
+    burst: int | None,
+) -> tuple[Policy, ...]:
+    if policies is not None:
+        if max_requests is not None or window is not None:
+            raise ValueError("give either max_requests and time_window_seconds, or policies")
+        if isinstance(policies, str):
+            parsed = parse_rates(policies)
+        else:
+            parsed = tuple(policies)
+            if not parsed or not all(isinstance(p, Policy) for p in parsed):
+                raise ValueError("policies must be a non-empty sequence of Policy")
+        if algorithm is not None or burst is not None:
+            parsed = tuple(
+                Policy(
+                    p.limit,
+                    p.window,
+                    burst if burst is not None else p.burst,
+                    algorithm or p.algorithm,
+                )
+                for p in parsed
+            )
+        return parsed
+    if max_requests is None or window is None:
+        raise ValueError("max_requests and time_window_seconds are required (or give policies)")
+    return (Policy(max_requests, window, burst, algorithm or DEFAULT_ALGORITHM),)

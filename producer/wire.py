@@ -1,0 +1,268 @@
+"""The wire format: the only definition of every message on the usage and grant topics.
+
+Every message starts with the magic ``b"DRL"``, a version byte (:data:`VERSION`) and a type byte.
+All integers and floats are little-endian. Strings are one length byte plus UTF-8 (1..255
+bytes). Records are packed numpy arrays (:data:`USAGE_RECORD`, :data:`GRANT_RECORD`).
+
+Usage batch (type 1), server -> aggregator, one per usage partition per report interval::
+
+    server_id  str      the reporting server
+    incarnation u64     random per agent start: a restarted server is a new sender
+    seq        u64      per sender, +1 per batch (shared by all partitions)
+    start, end f64 f64  the interval reported, on the server's own clock (seconds)
+    grant_seq  u64      the last grant batch sequence number the server applied (lease summary)
+    leases     u32      clients holding a live lease on the server (lease summary)
+    count      u32      records that follow, 16 bytes each:
+        key u64, admitted u16, extra u16, rejected u16, wanted u16   (tokens)
+
+Grant batch (type 2), aggregator -> one server::
+
+    aggregator_id str   the granting aggregator
+    epoch      u64      random per aggregator start
+    seq        u64      per aggregator, +1 per batch
+    issued_at  f64      the aggregator's clock when the grants were computed (seconds)
+    ttl        f32      seconds the leases last from ``issued_at``
+    servers    u16      active servers the aggregator sees (the degraded share's N)
+    server_id  str      the addressee
+    count      u32      records that follow, 12 bytes each: key u64, tokens u32
+
+Counts above 65,535 tokens per interval are split over several records with the same key; the
+aggregator sums them. Anything else malformed raises :class:`WireError` with a ``reason``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+
+MAGIC = b"DRL"
+VERSION = 1
+USAGE_TYPE = 1
+GRANT_TYPE = 2
+
+USAGE_RECORD = np.dtype(
+    [("key", "<u8"), ("admitted", "<u2"), ("extra", "<u2"), ("rejected", "<u2"), ("wanted", "<u2")]
+)
+GRANT_RECORD = np.dtype([("key", "<u8"), ("tokens", "<u4")])
+COUNT_FIELDS = ("admitted", "extra", "rejected", "wanted")
+MAX_COUNT = 0xFFFF
+MAX_GRANT = 0xFFFFFFFF
+#: Most records one batch may carry (a 16 MiB usage batch).
+MAX_RECORDS = 1 << 20
+
+_PREFIX = struct.Struct("<3sBB")
+_USAGE_HEAD = struct.Struct("<QQddQI")
+_GRANT_HEAD = struct.Struct("<QQdfH")
+_COUNT = struct.Struct("<I")
+
+
+class WireError(ValueError):
+    """A message that is not a valid batch; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBatch:
+    server_id: str
+    incarnation: int
+    seq: int
+    start: float
+    end: float
+    grant_seq: int
+    leases: int
+    records: np.ndarray  # USAGE_RECORD
+
+
+@dataclass(frozen=True, slots=True)
+class GrantBatch:
+    aggregator_id: str
+    epoch: int
+    seq: int
+    issued_at: float
+    ttl: float
+    servers: int
+    server_id: str
+    records: np.ndarray  # GRANT_RECORD
+
+
+def _pack_str(name: str, value: str) -> bytes:
+    raw = value.encode()
+    if not 1 <= len(raw) <= 255:
+        raise ValueError(f"{name} must be 1..255 bytes of UTF-8, got {len(raw)}")
+    return bytes((len(raw),)) + raw
+
+
+def usage_records(
+    keys: np.ndarray,
+    admitted: np.ndarray,
+    extra: np.ndarray,
+    rejected: np.ndarray,
+    wanted: np.ndarray,
+) -> np.ndarray:
+    """Pack per-client token counts (any non-negative numbers; rounded up) into records.
+
+    Counts above 65,535 continue in further records with the same key.
+    """
+    counts = np.ceil(np.stack([admitted, extra, rejected, wanted], axis=1)).astype(np.int64)
+    if counts.size and counts.min() < 0:
+        raise ValueError("usage counts must be >= 0")
+    keys = np.asarray(keys, dtype=np.uint64)
+    parts = []
+    while keys.size:
+        rec = np.empty(keys.size, dtype=USAGE_RECORD)
+        rec["key"] = keys
+        chunk = np.minimum(counts, MAX_COUNT)
+        for j, name in enumerate(COUNT_FIELDS):
+            rec[name] = chunk[:, j]
+        parts.append(rec)
+        counts = counts - chunk
+        more = counts.any(axis=1)
+        keys, counts = keys[more], counts[more]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=USAGE_RECORD)
+
+
+def encode_usage(batch: UsageBatch) -> bytes:
+    rec = np.ascontiguousarray(batch.records, dtype=USAGE_RECORD)
+    return b"".join(
+        (
+            _PREFIX.pack(MAGIC, VERSION, USAGE_TYPE),
+            _pack_str("server_id", batch.server_id),
+            _USAGE_HEAD.pack(
+                batch.incarnation,
+                batch.seq,
+                batch.start,
+                batch.end,
+                batch.grant_seq,
+                batch.leases,
+            ),
+            _COUNT.pack(rec.size),
+            rec.tobytes(),
+        )
+    )
+
+
+def encode_grants(batch: GrantBatch) -> bytes:
+    rec = np.ascontiguousarray(batch.records, dtype=GRANT_RECORD)
+    return b"".join(
+        (
+            _PREFIX.pack(MAGIC, VERSION, GRANT_TYPE),
+            _pack_str("aggregator_id", batch.aggregator_id),
+            _GRANT_HEAD.pack(batch.epoch, batch.seq, batch.issued_at, batch.ttl, batch.servers),
+            _pack_str("server_id", batch.server_id),
+            _COUNT.pack(rec.size),
+            rec.tobytes(),
+        )
+    )
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> memoryview:
+        end = self.pos + n
+        if end > len(self.data):
+            raise WireError(
+                "truncated", f"{what} needs {n} bytes, {len(self.data) - self.pos} left"
+            )
+        view = memoryview(self.data)[self.pos : end]
+        self.pos = end
+        return view
+
+    def unpack(self, s: struct.Struct, what: str) -> tuple[object, ...]:
+        return s.unpack(self.take(s.size, what))
+
+    def string(self, what: str) -> str:
+        n = self.take(1, what)[0]
+        if n == 0:
+            raise WireError("bad_field", f"{what} is empty")
+        try:
+            return bytes(self.take(n, what)).decode()
+        except UnicodeDecodeError as e:
+            raise WireError("bad_field", f"{what} is not UTF-8") from e
+
+    def records(self, dtype: np.dtype, what: str) -> np.ndarray:
+        (count,) = cast(tuple[int], self.unpack(_COUNT, what))
+        if count > MAX_RECORDS:
+            raise WireError("too_large", f"{count} {what} records (max {MAX_RECORDS})")
+        if len(self.data) - self.pos != count * dtype.itemsize:
+            raise WireError(
+                "bad_length",
+                f"{count} {what} records need {count * dtype.itemsize} bytes, "
+                f"{len(self.data) - self.pos} remain",
+            )
+        return np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype).copy()
+
+
+def message_type(data: bytes) -> int:
+    """The type byte of a message, after checking magic and version."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError("bad_type", f"expected bytes, got {type(data).__name__}")
+    if len(data) < _PREFIX.size:
+        raise WireError("truncated", f"{len(data)} bytes is shorter than the header")
+    magic, version, kind = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError("bad_magic", f"magic {bytes(magic)!r} is not {MAGIC!r}")
+    if version != VERSION:
+        raise WireError("bad_version", f"version {version} is not supported (this reads {VERSION})")
+    assert isinstance(kind, int)
+    return kind
+
+
+def _finite(what: str, *values: float) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise WireError("bad_field", f"{what} is not finite")
+
+
+def decode_usage(data: bytes) -> UsageBatch:
+    if message_type(data) != USAGE_TYPE:
+        raise WireError("bad_type", "not a usage batch")
+    r = _Reader(bytes(data))
+    r.pos = _PREFIX.size
+    server_id = r.string("server_id")
+    incarnation, seq, start, end, grant_seq, leases = cast(
+        tuple[int, int, float, float, int, int], r.unpack(_USAGE_HEAD, "usage header")
+    )
+    _finite("interval", start, end)
+    if end < start:
+        raise WireError("bad_field", f"interval ends ({end}) before it starts ({start})")
+    records = r.records(USAGE_RECORD, "usage")
+    return UsageBatch(server_id, incarnation, seq, start, end, grant_seq, leases, records)
+
+
+def decode_grants(data: bytes) -> GrantBatch:
+    if message_type(data) != GRANT_TYPE:
+        raise WireError("bad_type", "not a grant batch")
+    r = _Reader(bytes(data))
+    r.pos = _PREFIX.size
+    aggregator_id = r.string("aggregator_id")
+    epoch, seq, issued_at, ttl, servers = cast(
+        tuple[int, int, float, float, int], r.unpack(_GRANT_HEAD, "grant header")
+    )
+    _finite("grant times", issued_at, ttl)
+    if ttl <= 0:
+        raise WireError("bad_field", f"ttl {ttl} is not positive")
+    server_id = r.string("server_id")
+    records = r.records(GRANT_RECORD, "grant")
+    return GrantBatch(aggregator_id, epoch, seq, issued_at, ttl, servers, server_id, records)
+
+
+def usage_partitions(keys: np.ndarray, partitions: int) -> np.ndarray:
+    """The usage-topic partition of each stable client key: ``key mod partitions``."""
+    return (np.asarray(keys, dtype=np.uint64) % np.uint64(partitions)).astype(np.int64)
+
+
+def grant_partition(server_id: str, partitions: int) -> int:
+    """The grant-topic partition that carries ``server_id``'s grants: CRC-32 of its UTF-8."""
+    return zlib.crc32(server_id.encode()) % partitions
