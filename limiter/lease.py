@@ -1,9 +1,9 @@
 """Approximate mode: local decisions against leases granted by the aggregator.
 
-A lease is tokens plus an expiry on the limiter's clock. A client holds up to two (the current
-grant and the one before it, each spent until its own expiry, the earlier first), because the
-aggregator charges each grant to the window until that expiry: spending a token after its
-lease's expiry would break the bound. Without a live lease a request is decided by:
+A lease is a token balance plus an expiry on the limiter's clock. Grants top the balance up and
+push the expiry out; a request spends from it while it lives. Tokens left when a lease expires
+can never be spent any more: the next usage drain reports them as ``released`` so that the
+aggregator can hand them to other servers. Without a live lease a request is decided by:
 
 - **degraded** (no grant batch for ``degraded_after`` seconds: aggregator or Kafka down): a
   static share ``limit / N`` per window, ``N`` the active server count of the last grant batch
@@ -15,10 +15,8 @@ lease's expiry would break the bound. Without a live lease a request is decided 
   report asks for a lease; ``wait`` holds the request up to ``wait_timeout`` for one; ``reject``
   refuses.
 
-Every decision is counted in the client's usage cells (tokens admitted from a lease, admitted
-outside leases, rejected, waiting), which the streaming agent drains every report interval.
-
-Cells per client (float64; the last holds the stable key's int64 bits).
+Every decision is counted in the client's usage cells (tokens admitted from the lease, admitted
+outside it, refused, released), which the streaming agent drains every report interval.
 """
 
 from __future__ import annotations
@@ -26,18 +24,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .algorithms import Algorithm, Cells
 from .rate import Policy
 
-# cell offsets
-TOKENS1, EXPIRY1, TOKENS2, EXPIRY2 = 0, 1, 2, 3
-COLD_START, COLD_USED, DEGRADED_TAT = 4, 5, 6
-#: Usage since the last drain, in tokens: admitted from leases, admitted outside leases
-#: (cold start, degraded), rejected, and waiting for a lease.
-ADMITTED, EXTRA, REJECTED, WANTED = 7, 8, 9, 10
-USAGE = slice(ADMITTED, WANTED + 1)
-KEY = 11
-WIDTH = 12
+# cell offsets (float64; KEY holds the stable key's int64 bits)
+TOKENS, EXPIRY, COLD_START, COLD_USED, DEGRADED_TAT = 0, 1, 2, 3, 4
+#: Usage since the last drain, in tokens: admitted from the lease, admitted outside it (cold
+#: start, degraded), refused (or waiting), and released (left in an expired lease).
+ADMITTED, EXTRA, REJECTED, RELEASED = 5, 6, 7, 8
+USAGE = slice(ADMITTED, RELEASED + 1)
+KEY = 9
+WIDTH = 10
 
 COLD_START_POLICIES = ("optimistic", "wait", "reject")
 
@@ -98,7 +97,7 @@ class LeaseAlgorithm(Algorithm):
         self.interval = self.window * self.servers / self.limit
 
     def fresh(self) -> tuple[float, ...]:
-        return (0.0, -INF, 0.0, -INF, -INF, 0.0, -INF, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return (0.0, -INF, -INF, 0.0, -INF, 0.0, 0.0, 0.0, 0.0, 0.0)
 
     def set_servers(self, servers: int) -> None:
         """The active server count the degraded share divides the limit by."""
@@ -109,24 +108,12 @@ class LeaseAlgorithm(Algorithm):
         return now - self.last_grant > self.degraded_after
 
     def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
-        e1 = s[b + EXPIRY1]
-        e2 = s[b + EXPIRY2]
-        if e1 > now or e2 > now:
-            t1: float = s[b + TOKENS1] if e1 > now else 0.0
-            t2: float = s[b + TOKENS2] if e2 > now else 0.0
-            if t1 + t2 < cost:
+        if s[b + EXPIRY] > now:
+            tokens: float = s[b + TOKENS]
+            if tokens < cost:
                 s[b + REJECTED] += cost
                 return False
-            # spend the lease that expires first (an expired one holds 0 live tokens)
-            if e1 <= e2:
-                first, have, other, rest = TOKENS1, t1, TOKENS2, t2
-            else:
-                first, have, other, rest = TOKENS2, t2, TOKENS1, t1
-            if have >= cost:
-                s[b + first] = have - cost
-            else:
-                s[b + first] = 0.0
-                s[b + other] = rest - (cost - have)
+            s[b + TOKENS] = tokens - cost
             s[b + ADMITTED] += cost
             return True
         if now - self.last_grant > self.degraded_after:
@@ -146,24 +133,19 @@ class LeaseAlgorithm(Algorithm):
             s[b + COLD_USED] = used
             s[b + EXTRA] += cost
             return True
-        if self.options.cold_start == "wait":
-            s[b + WANTED] += cost
-        else:
-            s[b + REJECTED] += cost
+        s[b + REJECTED] += cost
         return False
 
     def leased(self, s: Cells, b: int, now: float) -> bool:
         """Whether the client holds a live lease (possibly empty) at ``now``."""
-        return bool(s[b + EXPIRY1] > now or s[b + EXPIRY2] > now)
+        return bool(s[b + EXPIRY] > now)
 
     def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
         return self.remaining(s, b, now) >= cost
 
     def remaining(self, s: Cells, b: int, now: float) -> int:
         if self.leased(s, b, now):
-            t1 = s[b + TOKENS1] if s[b + EXPIRY1] > now else 0.0
-            t2 = s[b + TOKENS2] if s[b + EXPIRY2] > now else 0.0
-            return int(t1 + t2)
+            return int(s[b + TOKENS])
         if self.degraded(now):
             return 1 if s[b + DEGRADED_TAT] <= now else 0
         if now - s[b + COLD_START] >= self.window:
@@ -179,26 +161,32 @@ class LeaseAlgorithm(Algorithm):
         return min(self.window, 0.2)
 
     def reset_after(self, s: Cells, b: int, now: float) -> float:
-        ends = [
-            s[b + EXPIRY1],
-            s[b + EXPIRY2],
-            s[b + DEGRADED_TAT],
-            s[b + COLD_START] + self.window,
-        ]
-        return max(0.0, max(ends) - now)
+        end = max(s[b + EXPIRY], s[b + DEGRADED_TAT], s[b + COLD_START] + self.window)
+        return max(0.0, end - now)
 
     def idle(self, s: Cells, b: int, now: float) -> bool:
-        if s[b + ADMITTED] or s[b + EXTRA] or s[b + REJECTED] or s[b + WANTED]:
+        if s[b + ADMITTED] or s[b + EXTRA] or s[b + REJECTED] or s[b + RELEASED]:
             return False  # usage not yet reported
+        if s[b + TOKENS] > 0.0:
+            return False  # an expired lease's tokens are not yet released
         return self.reset_after(s, b, now) <= 0.0
 
     def grant(self, s: Cells, b: int, tokens: float, expiry: float, now: float) -> None:
-        """Install a lease: into a dead lease cell, else over the one that expires first."""
-        e1 = s[b + EXPIRY1]
-        e2 = s[b + EXPIRY2]
-        if e1 <= now or (e2 > now and e1 <= e2):
-            s[b + TOKENS1] = tokens
-            s[b + EXPIRY1] = expiry
+        """Top the lease up by ``tokens`` and keep it alive until at least ``expiry``."""
+        if s[b + EXPIRY] <= now:
+            s[b + RELEASED] += s[b + TOKENS]
+            s[b + TOKENS] = tokens
+            s[b + EXPIRY] = expiry
         else:
-            s[b + TOKENS2] = tokens
-            s[b + EXPIRY2] = expiry
+            s[b + TOKENS] += tokens
+            if expiry > s[b + EXPIRY]:
+                s[b + EXPIRY] = expiry
+
+
+def release_expired(cells: np.ndarray, now: float) -> None:
+    """Move the tokens of expired leases to ``released`` (``cells``: rows of WIDTH cells)."""
+    expired = (cells[:, EXPIRY] <= now) & (cells[:, TOKENS] > 0.0)
+    if expired.any():
+        rows = np.flatnonzero(expired)
+        cells[rows, RELEASED] += cells[rows, TOKENS]
+        cells[rows, TOKENS] = 0.0

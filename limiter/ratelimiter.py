@@ -16,7 +16,7 @@ from .clientid import MAX_CLIENT_ID_LENGTH, validate_client_id
 from .decision import Decision, Reason
 from .errors import AcquireTimeout, RateLimitExceeded
 from .keys import client_key, signed
-from .lease import KEY, USAGE, WIDTH, LeaseAlgorithm, LeaseOptions
+from .lease import KEY, USAGE, WIDTH, LeaseAlgorithm, LeaseOptions, release_expired
 from .rate import DEFAULT_ALGORITHM, Policy, parse_rates
 from .request import Request
 from .table import ClientTable, Shard
@@ -38,14 +38,15 @@ class Usage:
     """Usage drained from an approximate-mode limiter: one row per client with any, in tokens.
 
     ``keys`` are stable client keys (uint64); ``admitted`` came from leases, ``extra`` was admitted
-    outside leases (cold start, degraded), ``rejected`` was refused, ``wanted`` is still waiting.
+    outside leases (cold start, degraded), ``rejected`` was refused, ``released`` were left in
+    leases that expired.
     """
 
     keys: np.ndarray
     admitted: np.ndarray
     extra: np.ndarray
     rejected: np.ndarray
-    wanted: np.ndarray
+    released: np.ndarray
 
     def __len__(self) -> int:
         return int(self.keys.size)
@@ -279,9 +280,11 @@ class RateLimiter:
         """Take (and zero) every client's usage since the last drain; each shard lock briefly."""
         lease = self.lease
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        now = self._clock()
         for shard in self._shards:
             with shard.lock:
                 cells = shard.arrays[0].reshape(-1, lease.width)
+                release_expired(cells, now)
                 usage = cells[:, USAGE]
                 rows = np.flatnonzero(usage.any(axis=1))
                 if rows.size == 0:

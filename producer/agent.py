@@ -166,7 +166,7 @@ class Agent:
         now = self.limiter.now()
         usage = self.limiter.drain_usage()
         records = wire.usage_records(
-            usage.keys, usage.admitted, usage.extra, usage.rejected, usage.wanted
+            usage.keys, usage.admitted, usage.extra, usage.rejected, usage.released
         )
         by_partition: dict[int, np.ndarray] = {}
         if records.size:

@@ -13,7 +13,7 @@ Usage batch (type 1), server -> aggregator, one per usage partition per report i
     grant_seq  u64      the last grant batch sequence number the server applied (lease summary)
     leases     u32      clients holding a live lease on the server (lease summary)
     count      u32      records that follow, 16 bytes each:
-        key u64, admitted u16, extra u16, rejected u16, wanted u16   (tokens)
+        key u64, admitted u16, extra u16, rejected u16, released u16   (tokens)
 
 Grant batch (type 2), aggregator -> one server::
 
@@ -26,8 +26,11 @@ Grant batch (type 2), aggregator -> one server::
     server_id  str      the addressee
     count      u32      records that follow, 12 bytes each: key u64, tokens u32
 
-Counts above 65,535 tokens per interval are split over several records with the same key; the
-aggregator sums them. Anything else malformed raises :class:`WireError` with a ``reason``.
+Usage counts, in tokens since the previous batch: ``admitted`` from the server's lease,
+``extra`` admitted outside a lease (cold start, degraded share), ``rejected`` (refused or waiting;
+a client's demand is admitted + extra + rejected), ``released`` (left unspent in a lease that
+expired). Counts above 65,535 tokens per interval are split over several records with the same
+key; the aggregator sums them. Anything else malformed raises :class:`WireError` with a ``reason``.
 """
 
 from __future__ import annotations
@@ -46,10 +49,16 @@ USAGE_TYPE = 1
 GRANT_TYPE = 2
 
 USAGE_RECORD = np.dtype(
-    [("key", "<u8"), ("admitted", "<u2"), ("extra", "<u2"), ("rejected", "<u2"), ("wanted", "<u2")]
+    [
+        ("key", "<u8"),
+        ("admitted", "<u2"),
+        ("extra", "<u2"),
+        ("rejected", "<u2"),
+        ("released", "<u2"),
+    ]
 )
 GRANT_RECORD = np.dtype([("key", "<u8"), ("tokens", "<u4")])
-COUNT_FIELDS = ("admitted", "extra", "rejected", "wanted")
+COUNT_FIELDS = ("admitted", "extra", "rejected", "released")
 MAX_COUNT = 0xFFFF
 MAX_GRANT = 0xFFFFFFFF
 #: Most records one batch may carry (a 16 MiB usage batch).
@@ -105,13 +114,13 @@ def usage_records(
     admitted: np.ndarray,
     extra: np.ndarray,
     rejected: np.ndarray,
-    wanted: np.ndarray,
+    released: np.ndarray,
 ) -> np.ndarray:
     """Pack per-client token counts (any non-negative numbers; rounded up) into records.
 
     Counts above 65,535 continue in further records with the same key.
     """
-    counts = np.ceil(np.stack([admitted, extra, rejected, wanted], axis=1)).astype(np.int64)
+    counts = np.ceil(np.stack([admitted, extra, rejected, released], axis=1)).astype(np.int64)
     if counts.size and counts.min() < 0:
         raise ValueError("usage counts must be >= 0")
     keys = np.asarray(keys, dtype=np.uint64)

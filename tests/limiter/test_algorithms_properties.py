@@ -17,9 +17,6 @@ from fractions import Fraction
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
-from limiter import Policy, RateLimiter, Reason
-
 from reference import (
     Model,
     effective_times,
@@ -29,6 +26,8 @@ from reference import (
     max_per_aligned_window,
     q,
 )
+
+from limiter import Policy, RateLimiter, Reason
 
 ALGOS = ("sliding_log", "token_bucket", "gcra", "fixed_window", "sliding_window")
 BUCKETS = ("token_bucket", "gcra")
@@ -177,10 +176,6 @@ def expected_remaining(models: list[Model], t: float) -> set[int]:
     return {min(c) for c in itertools.product(*options)}
 
 
-def eps_at(t: float) -> float:
-    return max(1e-9, 8 * math.ulp(t))
-
-
 def replay(
     lim: RateLimiter,
     models: list[Model],
@@ -203,9 +198,9 @@ def replay(
         before = lim.peek(cid, cost=cost, now=t)
         assert before.remaining in expected_remaining(models, t), (t, cost, before)
         d = lim.check(cid, cost=cost, now=t)
-        assert d.allowed == before.allowed, (before, d)
         if want is not None:
-            assert d.allowed == want, (t, cost, d, [m.margin(t, cost) for m in models])
+            # peek predicts check (on a float boundary the two may round differently)
+            assert d.allowed == before.allowed == want, (t, cost, before, d)
         assert d.limit in limits
         if d.allowed:
             for m in models:
@@ -217,22 +212,37 @@ def replay(
         else:
             assert d.reason == Reason.LIMITED
             assert not bool(d)
-            # (c) nothing consumed: the same question gets the same answer
-            assert lim.peek(cid, cost=cost, now=t) == before
-            assert d == before
-            # (d) retry_after: > 0, finite (cost <= capacity), and exactly when it passes
+            # (c) nothing consumed: the same question gets the same answer as before the check
+            # (a fresh client's peek is computed without state: compared off the boundary only)
+            assert lim.peek(cid, cost=cost, now=t) == d
+            if want is not None:
+                assert d == before
+            # (d) retry_after: finite (cost <= capacity), > 0 unless on a float boundary, and
+            # exactly when the same request passes: the models agree it passes at
+            # t + retry_after + eps and not at t + retry_after - delta, and so does the limiter
+            # (only asserted where the models are clear of the boundary by more than 1e-9 token;
+            # eps and delta are microseconds, well above float noise at these magnitudes)
             r = d.retry_after
-            assert 0.0 < r < math.inf, d
-            assert lim.peek(cid, cost=cost, now=t + r + eps_at(t + r)).allowed, (t, cost, d)
-            delta = max(1e-6, 64 * math.ulp(t + r))
-            if r > 2 * delta:
-                assert not lim.peek(cid, cost=cost, now=t + r - delta).allowed, (t, cost, d)
+            assert 0.0 <= r < math.inf, d
+            if want is False:
+                assert r > 0.0, d
+            later = t + r + max(1e-6, 16 * math.ulp(t + r))
+            want_later = expected(models, later, cost)
+            assert want_later is not False, ("retry_after too short", t, cost, d)
+            if want_later:
+                assert lim.peek(cid, cost=cost, now=later).allowed, (t, cost, d)
+            sooner = t + r - max(1e-6, 64 * math.ulp(t + r))
+            if sooner > t:
+                want_sooner = expected(models, sooner, cost)
+                assert want_sooner is not True, ("retry_after too long", t, cost, d)
+                if want_sooner is False:
+                    assert not lim.peek(cid, cost=cost, now=sooner).allowed, (t, cost, d)
         assert 0 <= d.remaining <= cap, d
         assert d.remaining in expected_remaining(models, t), (t, cost, d)
         assert d.reset_after >= 0.0
         if len(models) == 1:
             # back to a full allowance once reset_after has passed, with nothing admitted
-            later = t + d.reset_after + eps_at(t + d.reset_after)
+            later = t + d.reset_after + max(1e-6, 16 * math.ulp(t + d.reset_after))
             assert lim.peek(cid, now=later).remaining == cap, (t, d)
     return admitted
 
@@ -269,16 +279,47 @@ def test_single_policy_matches_model(algorithm: str, data: st.DataObject) -> Non
     check_bounds(alg, limit, window, model.capacity, admitted)
 
 
-@pytest.mark.parametrize("algorithm", ALGOS)
-def test_fresh_client_gets_full_capacity(algorithm: str) -> None:
-    burst = 7 if algorithm in BUCKETS else None
-    lim = make_limiter(algorithm, 5, 1.0, burst)
-    cap = burst or 5
-    assert lim.peek("new", now=3.0).remaining == cap
-    assert len(lim) == 0
-    d = lim.check("new", cost=cap, now=3.0)
-    assert d.allowed and d.remaining == 0
-    assert not lim.check("new", now=3.0)
+GCRA_BOUNDARY_BUG = (
+    "BUG: GCRA decides new_tat - now > tolerance with no slack while tat is an absolute time: "
+    "rounding at the magnitude of now (ulp 2.4e-7 s at epoch times) refuses the last token of "
+    "a full burst, e.g. RateLimiter(5, 1, algorithm='gcra') admits 4 at t=1.7e9; "
+    "RateLimiter(5, 0.5, algorithm='gcra', burst=1) never admits anything at t=1000.0"
+)
+FRESH_CASES = [(5, 1.0, None), (7, 3.0, None), (5, 0.5, 1), (10, 1.0, None), (3, 1.0, 7)]
+FRESH_TIMES = [0.0, 3.0, 1000.0, 1_700_000_000.0, 1_700_000_000.123]
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=GCRA_BOUNDARY_BUG))
+        if a == "gcra"
+        else a
+        for a in ALGOS
+    ],
+)
+def test_fresh_client_gets_exactly_its_capacity_at_any_time(algorithm: str) -> None:
+    """A client never seen can take exactly its capacity at once, whatever the clock reads:
+    one request of cost = capacity, or capacity requests of cost 1 (and no more)."""
+    failures = []
+    for limit, window, burst in FRESH_CASES:
+        b = burst if algorithm in BUCKETS else None
+        cap = b or limit
+        for now in FRESH_TIMES:
+            lim = make_limiter(algorithm, limit, window, b)
+            assert lim.peek("new", now=now).remaining == cap
+            assert lim.peek("new", cost=cap, now=now).allowed
+            assert len(lim) == 0  # peek tracks nobody
+            one = lim.check("new", cost=cap, now=now)
+            if not (one.allowed and one.remaining == 0):
+                failures.append((limit, window, b, now, "one request of cost capacity", one))
+            if lim.check("new", now=now).allowed:
+                failures.append((limit, window, b, now, "admitted beyond capacity"))
+            lim = make_limiter(algorithm, limit, window, b)
+            got = sum(lim.check("new", now=now).allowed for _ in range(cap + 3))
+            if got != cap:
+                failures.append((limit, window, b, now, f"{got} of {cap} unit requests"))
+    assert not failures
 
 
 # -- (b): the any-interval bound, with longer runs ----------------------------------------------
@@ -437,17 +478,26 @@ def test_cost_above_one_policy_capacity_is_never_admitted(algorithm: str) -> Non
 @SETTINGS
 @given(data=st.data())
 def test_remaining_is_the_largest_cost_that_passes(algorithm: str, data: st.DataObject) -> None:
+    """``remaining`` r: a request of cost r passes and one of cost r + 1 does not (except where
+    the exact remaining allowance is within 1e-9 of a whole number: float rounding decides)."""
     (alg, limit, window, burst), t0, steps = data.draw(in_order_run(algorithm))
     assume(steps)
     lim = make_limiter(alg, limit, window, burst)
-    cap = burst or limit
+    model = make_model(alg, limit, window, burst)
+    cap = model.capacity
     t = t0
     for dt, c in steps:
         t += dt
-        lim.check("c", cost=c, now=t)
+        got = lim.check("c", cost=c, now=t).allowed
+        if got:
+            model.record(t, c)
         probe = t + data.draw(st.integers(0, int(window * 64)), label="probe") / 64
         r = lim.peek("c", now=probe).remaining
         assert 0 <= r <= cap
+        exact = model.remaining(probe)
+        if not model.exact and abs(exact - round(exact)) <= TOL:
+            continue
+        assert r == max(0, math.floor(exact)), (probe, r, exact)
         if r >= 1:
             assert lim.peek("c", cost=r, now=probe).allowed, (probe, r)
         if r < cap:
@@ -457,3 +507,18 @@ def test_remaining_is_the_largest_cost_that_passes(algorithm: str, data: st.Data
 def test_q_is_exact() -> None:
     assert q(0.1) != Fraction(1, 10)
     assert q(0.75) == Fraction(3, 4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: GCRA.remaining adds 1e-6 token before truncating, so it reports a whole token "
+    "that is not there yet: after RateLimiter(1, 1, algorithm='gcra').check(now=0), "
+    "peek(now=1 - 5e-7) says remaining=1 while refusing the request (retry_after=5e-7)",
+)
+def test_gcra_remaining_never_promises_a_refused_token() -> None:
+    lim = make_limiter("gcra", 1, 1.0, None)
+    assert lim.check("c", now=0.0).allowed
+    for dt in (1e-7, 5e-7, 9e-7):
+        d = lim.peek("c", now=1.0 - dt)
+        assert not d.allowed
+        assert d.remaining == 0, d

@@ -1,0 +1,71 @@
+"""The allocation rule: split each client's budget among its servers (vectorised, pure).
+
+Input is one row per (client, server) pair with demand, grouped by client. Each group's budget
+is shared in proportion to the pairs' weights, water-filling: a pair never gets more than its
+``need``, and what it does not need goes to the others of its group. Grants are whole tokens:
+the fractional shares are rounded down and the tokens left over go one each to the pairs with
+the largest remainders (never above a pair's need). So for every group:
+``sum(grants) <= budget`` and ``sum(grants) = min(floor(budget), sum(need))`` when needs are whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def water_fill(
+    group: np.ndarray, weight: np.ndarray, need: np.ndarray, budget: np.ndarray
+) -> np.ndarray:
+    """Whole-token grants per pair.
+
+    ``group[i]`` is pair i's client group (0..G-1), ``weight[i] > 0`` its share weight (demand),
+    ``need[i] >= 0`` the most it should get, ``budget[g] >= 0`` the tokens group g may hand out.
+    """
+    n = group.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    g_count = budget.size
+    need = np.maximum(np.floor(need), 0.0)
+    budget = np.maximum(np.floor(budget), 0.0)
+    ratio = need / weight
+    # sort pairs by group, then by need/weight: within a group the capped pairs form a prefix
+    order = np.lexsort((ratio, group))
+    g = group[order]
+    w = weight[order]
+    nd = need[order]
+    r = ratio[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, n]))  # index of each pair's group start
+    need_before = np.cumsum(nd) - nd
+    need_before -= need_before[first]
+    w_before = np.cumsum(w) - w
+    w_before -= w_before[first]
+    w_total = np.bincount(g, weights=w, minlength=g_count)
+    w_rest = w_total[g] - w_before
+    # level if every pair before this one is capped at its need and the rest share by weight
+    level = (budget[g] - need_before) / w_rest
+    # In exact arithmetic the capped pairs are a prefix of their group; counting them and
+    # capping that many first keeps rounding from breaking it.
+    capped = r <= level
+    n_capped = np.bincount(g, weights=capped, minlength=g_count).astype(np.int64)
+    group_start = np.zeros(g_count, dtype=np.int64)
+    group_start[g[starts]] = starts
+    group_size = np.bincount(g, minlength=g_count)
+    boundary = group_start + np.minimum(n_capped, np.maximum(group_size - 1, 0))
+    lam = np.where(n_capped < group_size, level[boundary], 0.0)
+    pos = np.arange(n) - first
+    is_capped = pos < n_capped[g]
+    share = np.where(is_capped, nd, np.minimum(nd, lam[g] * w))
+    whole = np.floor(share)
+    # largest remainders get the tokens rounding left over
+    granted = np.bincount(g, weights=whole, minlength=g_count)
+    left = np.minimum(budget, np.bincount(g, weights=nd, minlength=g_count)) - granted
+    frac = np.where(whole < nd, share - whole, -1.0)
+    by_frac = np.lexsort((-frac, g))
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_frac] = np.arange(n) - first
+    bonus = (rank < left[g]) & (frac >= 0.0)
+    whole += bonus
+    out = np.empty(n, dtype=np.int64)
+    out[order] = whole.astype(np.int64)
+    return out

@@ -1,0 +1,190 @@
+"""One usage partition's global state and its allocation tick.
+
+Accounting, per client with limit L over window W (docs/consistency.md has the proof):
+
+- ``window``: every admission a server reports (from its lease or outside it) is charged at the
+  moment its report is processed, never before the admission happened;
+- ``outstanding``: per (client, server) pair, the tokens granted that the server has not yet
+  reported as admitted or released. A token is either unspent (in a lease), spent but not yet
+  reported, or reported: so ``window + outstanding`` always covers what a client's leases
+  admitted in the last W seconds;
+- at a tick, ``budget = L - window - outstanding`` is split among the servers that showed demand
+  over the last ``memory`` ticks (a lease's life), in proportion to their demand per tick, each
+  capped at ``NEED_TICKS`` ticks of demand plus ``NEED_FLOOR`` tokens, minus what it holds
+  (:func:`aggregator.allocate.water_fill`).
+
+Hence, between ticks, lease admissions in any window of length W never exceed L; admissions
+outside leases (cold start, degraded) are the only excess, and they are bounded by their rules.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+from .allocate import water_fill
+from .keyindex import KeyIndex
+from .window import ChargeRing
+
+#: A pair is granted up to NEED_TICKS ticks of its recent demand plus NEED_FLOOR tokens (minus
+#: what it holds): enough to last until the next grant after its report, with room for bursts.
+NEED_TICKS = 3.0
+NEED_FLOOR = 2.0
+#: Most servers one aggregator tracks; pair ids are ``client slot * MAX_SERVERS + server + 1``.
+MAX_SERVERS = 1 << 16
+
+_EMPTY_I = np.zeros(0, dtype=np.int64)
+_EMPTY_F = np.zeros(0)
+
+
+def _grow(a: np.ndarray, n: int) -> np.ndarray:
+    if n <= a.size:
+        return a
+    out = np.zeros(max(n, 2 * a.size), dtype=a.dtype)
+    out[: a.size] = a
+    return out
+
+
+class PartitionState:
+    """Windowed use, outstanding leases and recent demand of one usage partition's clients."""
+
+    def __init__(self, limit: int, window: float, bucket: float, memory: int = 2) -> None:
+        self.limit = limit
+        self.window = window
+        self.clients = KeyIndex()
+        self.ring = ChargeRing(window, 0.0, bucket)
+        self.held = np.zeros(1024)  # client slot -> outstanding tokens over all its servers
+        self.last_active = np.zeros(1024)  # client slot -> last report time
+        self.pairs = KeyIndex()
+        self.pair_client = np.zeros(1024, dtype=np.int64)
+        self.pair_server = np.zeros(1024, dtype=np.int64)
+        self.outstanding = np.zeros(1024)  # pair slot -> tokens granted, not yet reported
+        self._demand: list[tuple[np.ndarray, np.ndarray]] = []
+        #: (pairs, tokens) wanted in each of the last ``memory`` ticks, newest last
+        self._history: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque(
+            maxlen=max(1, memory)
+        )
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def _pair_slots(self, clients: np.ndarray, server: np.ndarray | int) -> np.ndarray:
+        ids = (clients * MAX_SERVERS + server + 1).astype(np.uint64)
+        before = len(self.pairs)
+        slots = self.pairs.lookup_or_insert(ids)
+        n = len(self.pairs)
+        if n > before:
+            self.pair_client = _grow(self.pair_client, n)
+            self.pair_server = _grow(self.pair_server, n)
+            self.outstanding = _grow(self.outstanding, n)
+            new = np.arange(before, n)
+            raw = self.pairs.slot_keys[new].astype(np.int64) - 1
+            self.pair_client[new] = raw // MAX_SERVERS
+            self.pair_server[new] = raw % MAX_SERVERS
+        return slots
+
+    def apply(self, records: np.ndarray, server: int, now: float) -> None:
+        """Fold one usage batch's records (``producer.wire.USAGE_RECORD``) in at ``now``."""
+        if records.size == 0:
+            return
+        self.ring.advance(now)
+        clients = self.clients.lookup_or_insert(records["key"])
+        n = len(self.clients)
+        self.ring.ensure_rows(n)
+        self.held = _grow(self.held, n)
+        self.last_active = _grow(self.last_active, n)
+        admitted = records["admitted"].astype(np.float64)
+        extra = records["extra"].astype(np.float64)
+        self.ring.charge(clients, admitted + extra, now)
+        pairs = self._pair_slots(clients, server)
+        # reported tokens leave the outstanding count (never below zero: a lost grant or a
+        # previous owner's lease must not make room that is not there)
+        back = np.minimum(self.outstanding[pairs], admitted + records["released"])
+        np.subtract.at(self.outstanding, pairs, back)
+        np.subtract.at(self.held, clients, back)
+        self._demand.append((pairs, admitted + extra + records["rejected"]))
+        self.last_active[clients] = now
+
+    def tick(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Allocate: ``(keys, servers, tokens)`` for every (client, server) pair with demand.
+
+        A pair may get 0 tokens: its lease then stays as it is (empty means "limited").
+        """
+        self.ring.advance(now)
+        if self._demand:
+            cur_pairs = np.concatenate([p for p, _ in self._demand])
+            cur_amounts = np.concatenate([a for _, a in self._demand])
+            self._demand.clear()
+            cur_pairs, inverse = np.unique(cur_pairs, return_inverse=True)
+            cur_amounts = np.bincount(
+                inverse.reshape(-1), weights=cur_amounts, minlength=cur_pairs.size
+            )
+        else:
+            cur_pairs, cur_amounts = _EMPTY_I, _EMPTY_F
+        self._history.append((cur_pairs, cur_amounts))
+        pairs, inverse = np.unique(
+            np.concatenate([p for p, _ in self._history]), return_inverse=True
+        )
+        if pairs.size == 0:
+            return np.zeros(0, dtype=np.uint64), _EMPTY_I, _EMPTY_I
+        per_tick = np.bincount(
+            inverse.reshape(-1),
+            weights=np.concatenate([a for _, a in self._history]),
+            minlength=pairs.size,
+        ) / len(self._history)
+        clients, group = np.unique(self.pair_client[pairs], return_inverse=True)
+        group = group.reshape(-1)
+        budget = np.maximum(0.0, self.limit - self.ring.used(clients) - self.held[clients])
+        need = np.maximum(0.0, np.ceil(NEED_TICKS * per_tick) + NEED_FLOOR - self.outstanding[pairs])
+        tokens = water_fill(group, per_tick + 1.0, need, budget)
+        self.outstanding[pairs] += tokens
+        self.held[clients] += np.bincount(group, weights=tokens, minlength=clients.size)
+        return self.clients.slot_keys[clients[group]], self.pair_server[pairs], tokens
+
+    def forget_server(self, server: int) -> float:
+        """A server is gone: its leases have expired; returns the tokens freed."""
+        n = len(self.pairs)
+        rows = np.flatnonzero((self.pair_server[:n] == server) & (self.outstanding[:n] > 0))
+        freed = float(self.outstanding[rows].sum())
+        np.subtract.at(self.held, self.pair_client[rows], self.outstanding[rows])
+        self.outstanding[rows] = 0.0
+        return freed
+
+    def compact(self, now: float) -> int:
+        """Forget clients with nothing in the window, nothing outstanding and no report for a
+        window, and pairs with nothing outstanding and no recent demand. Returns clients left."""
+        n, m = len(self.clients), len(self.pairs)
+        keep = (
+            (self.ring.charges[:n].sum(axis=1) > 0)
+            | (self.held[:n] > 0)
+            | (self.last_active[:n] > now - self.window)
+        )
+        recent = np.zeros(m, dtype=bool)
+        for p, _ in (*self._history, *self._demand):
+            recent[p] = True
+        keep_pairs = keep[self.pair_client[:m]] & ((self.outstanding[:m] > 0) | recent)
+        if keep.all() and keep_pairs.all():
+            return n
+        old = self.clients.compact(keep)
+        self.ring.keep_rows(old)
+        self.held = _grow(self.held[old], 1024)
+        self.last_active = _grow(self.last_active[old], 1024)
+        client_map = np.full(n, -1, dtype=np.int64)
+        client_map[old] = np.arange(old.size)
+        old_pairs = np.flatnonzero(keep_pairs)
+        pair_map = np.full(m, -1, dtype=np.int64)
+        pair_map[old_pairs] = np.arange(old_pairs.size)
+        self.pair_client = _grow(client_map[self.pair_client[old_pairs]], 1024)
+        self.pair_server = _grow(self.pair_server[old_pairs], 1024)
+        self.outstanding = _grow(self.outstanding[old_pairs], 1024)
+        k = old_pairs.size
+        self.pairs = KeyIndex(max(1024, k))
+        self.pairs.lookup_or_insert(
+            (self.pair_client[:k] * MAX_SERVERS + self.pair_server[:k] + 1).astype(np.uint64)
+        )
+        history = [(pair_map[p], a) for p, a in self._history]
+        self._history.clear()
+        self._history.extend(history)
+        self._demand = [(pair_map[p], a) for p, a in self._demand]
+        return len(self.clients)

@@ -1,0 +1,323 @@
+"""The aggregator: usage in from the consumer group, allocation every tick, grants out.
+
+Time is the aggregator's own monotonic clock (``clock``); servers' clocks are never trusted.
+Usage batches are applied at most once per (server, incarnation, partition): a batch whose
+sequence number is not above the last one applied is a duplicate or out of order and is skipped
+(counted). A malformed message is counted, logged and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from limiter import Policy
+from producer import wire
+from producer.transport import GRANTS_TOPIC, USAGE_TOPIC, QueueFull, Record, Transport
+
+from .partition import MAX_SERVERS, PartitionState
+
+log = logging.getLogger(__name__)
+
+#: Seconds between allocation ticks.
+DEFAULT_TICK = 0.1
+#: Seconds a lease lives after its last grant, as a multiple of the tick.
+DEFAULT_TTL_TICKS = 5.0
+#: A server not heard from for this many seconds no longer counts as active; its leases (which
+#: expire ``lease_ttl`` after their last grant, and it gets no more) are taken back.
+DEFAULT_SERVER_TIMEOUT = 3.0
+#: Consumer group of the aggregators.
+DEFAULT_GROUP = "drl-aggregators"
+
+
+def _default_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"[:255]
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """What an aggregator enforces and how often; all times in seconds."""
+
+    policy: Policy
+    tick: float = DEFAULT_TICK
+    lease_ttl: float | None = None  # default: DEFAULT_TTL_TICKS * tick
+    server_timeout: float = DEFAULT_SERVER_TIMEOUT
+    usage_topic: str = USAGE_TOPIC
+    grants_topic: str = GRANTS_TOPIC
+    group: str = DEFAULT_GROUP
+    aggregator_id: str = field(default_factory=_default_id)
+
+    def __post_init__(self) -> None:
+        for name in ("tick", "server_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {v!r}")
+        if self.tick <= 0:
+            raise ValueError("tick must be > 0 seconds")
+        if self.lease_ttl is not None and not self.lease_ttl > 0:
+            raise ValueError(f"lease_ttl must be > 0 seconds, got {self.lease_ttl!r}")
+        if self.server_timeout <= self.ttl:
+            raise ValueError(
+                f"server_timeout ({self.server_timeout} s) must exceed the lease ttl "
+                f"({self.ttl} s): a silent server's leases must have expired before they are "
+                "taken back"
+            )
+
+    @property
+    def ttl(self) -> float:
+        return self.lease_ttl if self.lease_ttl is not None else DEFAULT_TTL_TICKS * self.tick
+
+    @property
+    def bucket(self) -> float:
+        """Width of a window bucket: the tick, or window/64 for long windows."""
+        return max(self.tick, self.policy.window / 64)
+
+
+@dataclass
+class AggregatorStats:
+    batches: int = 0
+    records: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    ticks: int = 0
+    last_tick_seconds: float = 0.0
+    grant_batches: int = 0
+    grants: int = 0
+    tokens_granted: int = 0
+    produce_errors: int = 0
+    errors: int = 0
+    malformed_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class _Server:
+    __slots__ = ("active", "index", "last_seen", "name", "seqs")
+
+    def __init__(self, name: str, index: int) -> None:
+        self.name = name
+        self.index = index
+        self.active = True
+        self.last_seen = -math.inf
+        self.seqs: dict[int, tuple[int, int]] = {}  # partition -> (incarnation, seq)
+
+
+class Aggregator:
+    """One member of the aggregator group. Call :meth:`run` (blocking) or :meth:`step`."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        transport: Transport,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.stats = AggregatorStats()
+        self.epoch = secrets.randbits(63)
+        self._clock = clock
+        self._transport = transport
+        self._seq = 0
+        self._servers: dict[str, _Server] = {}
+        self._by_index: list[_Server] = []
+        self._partitions: dict[int, PartitionState] = {}
+        self._lock = threading.Lock()
+        self._grant_partitions = transport.partitions(config.grants_topic)
+        self._sender = transport.sender()
+        self._receiver = transport.receiver(
+            config.usage_topic,
+            group=config.group,
+            on_assign=self._assigned,
+            on_revoke=self._revoked,
+        )
+        self._next_tick = clock()
+        self._ticks_since_compact = 0
+
+    # -- membership of partitions --------------------------------------------------------------
+
+    def _assigned(self, partitions: list[int]) -> None:
+        with self._lock:
+            for p in partitions:
+                self._partitions.setdefault(p, self._new_partition())
+        log.info("aggregator %s assigned %s", self.config.aggregator_id, partitions)
+
+    def _revoked(self, partitions: list[int]) -> None:
+        with self._lock:
+            for p in partitions:
+                self._partitions.pop(p, None)
+        log.info("aggregator %s revoked %s", self.config.aggregator_id, partitions)
+
+    def _new_partition(self) -> PartitionState:
+        c = self.config
+        memory = max(1, math.ceil(c.ttl / c.tick))
+        return PartitionState(c.policy.limit, c.policy.window, c.bucket, memory)
+
+    @property
+    def partitions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._partitions)
+
+    def active_servers(self, now: float) -> list[str]:
+        cutoff = now - self.config.server_timeout
+        return [s.name for s in self._by_index if s.last_seen > cutoff]
+
+    def clients(self) -> int:
+        with self._lock:
+            return sum(len(p) for p in self._partitions.values())
+
+    # -- usage in ------------------------------------------------------------------------------
+
+    def handle(self, record: Record) -> bool:
+        """Apply one usage record; False if it was skipped (malformed, duplicate, unowned)."""
+        try:
+            batch = wire.decode_usage(record.value)
+        except wire.WireError as e:
+            self.stats.malformed += 1
+            reasons = self.stats.malformed_reasons
+            reasons[e.reason] = reasons.get(e.reason, 0) + 1
+            log.warning(
+                "skipping malformed usage record at %s/%d: %s", record.partition, record.offset, e
+            )
+            return False
+        now = self._clock()
+        server = self._server(batch.server_id)
+        if server is None:
+            return False
+        last = server.seqs.get(record.partition)
+        if last is not None and last[0] == batch.incarnation and batch.seq <= last[1]:
+            self.stats.duplicates += 1
+            return False
+        server.seqs[record.partition] = (batch.incarnation, batch.seq)
+        server.last_seen = now
+        server.active = True
+        with self._lock:
+            state = self._partitions.get(record.partition)
+            if state is None:
+                return False
+            state.apply(batch.records, server.index, now)
+        self.stats.batches += 1
+        self.stats.records += int(batch.records.size)
+        return True
+
+    def _server(self, name: str) -> _Server | None:
+        server = self._servers.get(name)
+        if server is None:
+            if len(self._by_index) >= MAX_SERVERS:
+                self.stats.errors += 1
+                return None
+            server = self._servers[name] = _Server(name, len(self._by_index))
+            self._by_index.append(server)
+        return server
+
+    # -- the tick ------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Allocate every owned partition and send one grant batch per active server."""
+        started = time.perf_counter()
+        now = self._clock()
+        c = self.config
+        per_server: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        cutoff = now - c.server_timeout
+        with self._lock:
+            states = list(self._partitions.values())
+            for server in self._by_index:
+                if server.active and server.last_seen <= cutoff:
+                    server.active = False
+                    for state in states:
+                        state.forget_server(server.index)
+            for state in states:
+                keys, servers, tokens = state.tick(now)
+                if not keys.size:
+                    continue
+                order = np.argsort(servers, kind="stable")
+                servers, keys, tokens = servers[order], keys[order], tokens[order]
+                bounds = np.flatnonzero(np.diff(servers)) + 1
+                for s, k, t in zip(
+                    servers[np.r_[0, bounds]],
+                    np.split(keys, bounds),
+                    np.split(tokens, bounds),
+                    strict=True,
+                ):
+                    per_server.setdefault(int(s), []).append((k, t))
+            self._ticks_since_compact += 1
+            if self._ticks_since_compact >= 100:
+                self._ticks_since_compact = 0
+                for state in states:
+                    state.compact(now)
+        active = self.active_servers(now)
+        for name in active:
+            server = self._servers[name]
+            parts = per_server.get(server.index, [])
+            records = np.empty(sum(k.size for k, _ in parts), dtype=wire.GRANT_RECORD)
+            if parts:
+                records["key"] = np.concatenate([k for k, _ in parts])
+                records["tokens"] = np.minimum(
+                    np.concatenate([t for _, t in parts]), wire.MAX_GRANT
+                )
+            self._send_grants(name, records, now, len(active))
+        self.stats.ticks += 1
+        self.stats.last_tick_seconds = time.perf_counter() - started
+
+    def _send_grants(self, server: str, records: np.ndarray, now: float, active: int) -> None:
+        self._seq += 1
+        batch = wire.GrantBatch(
+            self.config.aggregator_id,
+            self.epoch,
+            self._seq,
+            now,
+            self.config.ttl,
+            min(active, 0xFFFF),
+            server,
+            records,
+        )
+        partition = wire.grant_partition(server, self._grant_partitions)
+        try:
+            self._sender.send(self.config.grants_topic, partition, wire.encode_grants(batch))
+        except QueueFull:
+            self.stats.produce_errors += 1
+            return
+        self.stats.grant_batches += 1
+        self.stats.grants += int(records.size)
+        self.stats.tokens_granted += int(records["tokens"].sum())
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Poll usage until the next tick is due, then tick (once)."""
+        timeout = max(0.0, self._next_tick - self._clock())
+        for record in self._receiver.poll(timeout):
+            try:
+                self.handle(record)
+            except Exception as e:  # never let one record stop the aggregator
+                self.stats.errors += 1
+                log.exception("error applying usage record: %r", e)
+        if self._clock() >= self._next_tick:
+            self._next_tick += self.config.tick
+            if self._next_tick < self._clock():
+                self._next_tick = self._clock() + self.config.tick
+            self.tick()
+            self._sender.service()
+            if self.stats.ticks % 10 == 0:
+                self._receiver.commit()
+        self.stats.produce_errors = max(self.stats.produce_errors, self._sender.errors)
+
+    def run(self, stop: threading.Event) -> None:
+        """Step until ``stop`` is set; then flush grants and leave the group."""
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._sender.flush(2.0)
+        self._sender.close()
+        self._receiver.commit()
+        self._receiver.close()

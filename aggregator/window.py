@@ -1,0 +1,76 @@
+"""Windowed charges per client: a ring of time buckets in one float64 array ``[clients, k]``.
+
+The ring covers the buckets from ``now - window`` to ``now + horizon`` on the aggregator's
+clock, so that a charge placed at a future time (a lease's last usable moment) counts from the
+moment it is made until a whole window after that time. A client's use is the sum of its row.
+
+Buckets are ``bucket`` seconds wide. A bucket counts while any part of it is inside
+``(now - window, now + horizon]``: a charge counts for up to one bucket longer than its exact
+window, never shorter (conservative by at most ``bucket / window`` of the limit).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class ChargeRing:
+    __slots__ = ("ahead", "back", "bucket", "charges", "current", "k")
+
+    def __init__(self, window: float, horizon: float, bucket: float, rows: int = 1024) -> None:
+        if not (window > 0 and horizon >= 0 and bucket > 0):
+            raise ValueError("window and bucket must be > 0 seconds, horizon >= 0")
+        self.bucket = bucket
+        self.back = math.ceil(window / bucket)
+        self.ahead = math.ceil(horizon / bucket) + 1
+        self.k = self.back + 1 + self.ahead
+        self.charges = np.zeros((rows, self.k), dtype=np.float64)
+        self.current: int | None = None
+
+    def ensure_rows(self, n: int) -> None:
+        if n > self.charges.shape[0]:
+            grown = np.zeros((max(n, 2 * self.charges.shape[0]), self.k), dtype=np.float64)
+            grown[: self.charges.shape[0]] = self.charges
+            self.charges = grown
+
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """Keep only ``rows`` (in that order): the ring after a key-index compaction."""
+        kept = self.charges[rows]
+        self.charges = np.zeros((max(1024, 2 * rows.size), self.k), dtype=np.float64)
+        self.charges[: rows.size] = kept
+
+    def advance(self, now: float) -> None:
+        """Move the ring to ``now``: buckets that fall out of the window are cleared for reuse."""
+        b = math.floor(now / self.bucket)
+        if self.current is None or b - self.current >= self.k:
+            if self.current is not None:
+                self.charges[:] = 0.0
+            self.current = b
+            return
+        for j in range(self.current + 1, b + 1):
+            self.charges[:, (j + self.ahead) % self.k] = 0.0
+        self.current = max(self.current, b)
+
+    def column(self, at: float) -> int | None:
+        """The ring column of time ``at``; None if it is older than the window.
+
+        A time beyond the horizon is placed in the last bucket ahead; the owner keeps
+        ``horizon`` at least as long as any charge it places in the future.
+        """
+        assert self.current is not None, "advance() first"
+        b = math.floor(at / self.bucket)
+        if b < self.current - self.back:
+            return None
+        return min(b, self.current + self.ahead) % self.k
+
+    def charge(self, rows: np.ndarray, amounts: np.ndarray, at: float) -> None:
+        col = self.column(at)
+        if col is not None and rows.size:
+            np.add.at(self.charges[:, col], rows, amounts)
+
+    def used(self, rows: np.ndarray) -> np.ndarray:
+        """Charges inside the window for each row."""
+        used: np.ndarray = self.charges[rows].sum(axis=1)
+        return used
