@@ -2,6 +2,7 @@
 
 Subcommands:
 
+- ``drl aggregator run --limit "100/minute"``: one aggregator until SIGTERM (:mod:`aggregator.run`).
 - ``drl smoke``: checks the wiring to Kafka and Redis end to end: produces a record with
   confluent-kafka to a fresh topic, consumes it with kafka-python, then does a Redis SET/GET and an
   EVALSHA of a small Lua script. Exit 0 on success, 1 with a message on failure.
@@ -21,6 +22,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .run import add_arguments as add_run_arguments
+from .run import cmd_run
 
 DEFAULT_KAFKA_PORT = 39092
 DEFAULT_REDIS_PORT = 36379
@@ -244,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=15.0, help="seconds per step (default %(default)s)"
     )
     smoke.set_defaults(func=cmd_smoke)
+
+    agg = sub.add_parser("aggregator", help="the aggregator service")
+    agg_sub = agg.add_subparsers(dest="aggregator_command", required=True)
+    run = agg_sub.add_parser("run", help="run one aggregator until SIGTERM")
+    add_run_arguments(run, default_kafka_bootstrap())
+    run.set_defaults(func=cmd_run)
     return parser
 
 

@@ -3,7 +3,8 @@
 Accounting, per client with limit L over window W (docs/consistency.md has the proof):
 
 - ``window``: every admission a server reports (from its lease or outside it) is charged at the
-  moment its report is processed, never before the admission happened;
+  end of its report's interval on the aggregator's clock (an upper bound: see
+  :class:`aggregator.service.Aggregator`), never before the admission happened;
 - ``outstanding``: per (client, server) pair, the tokens granted that the server has not yet
   reported as admitted or released. A token is either unspent (in a lease), spent but not yet
   reported, or reported: so ``window + outstanding`` always covers what a client's leases
@@ -84,8 +85,14 @@ class PartitionState:
             self.pair_server[new] = raw % MAX_SERVERS
         return slots
 
-    def apply(self, records: np.ndarray, server: int, now: float) -> None:
-        """Fold one usage batch's records (``producer.wire.USAGE_RECORD``) in at ``now``."""
+    def apply(
+        self, records: np.ndarray, server: int, now: float, admitted_by: float | None = None
+    ) -> None:
+        """Fold one usage batch's records (``producer.wire.USAGE_RECORD``) in at ``now``.
+
+        ``admitted_by`` (<= now) is a time no admission of the batch can be later than (its
+        interval's end on the aggregator's clock); admissions are charged then (default: now).
+        """
         if records.size == 0:
             return
         self.ring.advance(now)
@@ -96,7 +103,7 @@ class PartitionState:
         self.last_active = _grow(self.last_active, n)
         admitted = records["admitted"].astype(np.float64)
         extra = records["extra"].astype(np.float64)
-        self.ring.charge(clients, admitted + extra, now)
+        self.ring.charge(clients, admitted + extra, now if admitted_by is None else admitted_by)
         pairs = self._pair_slots(clients, server)
         # reported tokens leave the outstanding count (never below zero: a lost grant or a
         # previous owner's lease must not make room that is not there)
@@ -136,7 +143,9 @@ class PartitionState:
         clients, group = np.unique(self.pair_client[pairs], return_inverse=True)
         group = group.reshape(-1)
         budget = np.maximum(0.0, self.limit - self.ring.used(clients) - self.held[clients])
-        need = np.maximum(0.0, np.ceil(NEED_TICKS * per_tick) + NEED_FLOOR - self.outstanding[pairs])
+        need = np.maximum(
+            0.0, np.ceil(NEED_TICKS * per_tick) + NEED_FLOOR - self.outstanding[pairs]
+        )
         tokens = water_fill(group, per_tick + 1.0, need, budget)
         self.outstanding[pairs] += tokens
         self.held[clients] += np.bincount(group, weights=tokens, minlength=clients.size)

@@ -1,6 +1,13 @@
 """The aggregator: usage in from the consumer group, allocation every tick, grants out.
 
-Time is the aggregator's own monotonic clock (``clock``); servers' clocks are never trusted.
+Time is the aggregator's own monotonic clock (``clock``); servers' clocks are never trusted for
+anything but an upper bound. For each server the aggregator keeps
+``offset = max(interval end on the server's clock - time received)`` over the last minute: the
+server's clock offset minus the fastest delivery seen, so ``end - offset`` is never earlier than
+when the interval really ended. A batch's admissions are charged at
+``min(now, end - offset)``: tighter than the receive time by the delivery delay's jitter, and
+never earlier than any admission it reports. :meth:`Aggregator.server_offsets` exposes the
+estimates (a server whose clock is 5 s fast shows +5 s).
 Usage batches are applied at most once per (server, incarnation, partition): a batch whose
 sequence number is not above the last one applied is a duplicate or out of order and is skipped
 (counted). A malformed message is counted, logged and skipped.
@@ -31,7 +38,7 @@ log = logging.getLogger(__name__)
 #: Seconds between allocation ticks.
 DEFAULT_TICK = 0.1
 #: Seconds a lease lives after its last grant, as a multiple of the tick.
-DEFAULT_TTL_TICKS = 5.0
+DEFAULT_TTL_TICKS = 10.0
 #: A server not heard from for this many seconds no longer counts as active; its leases (which
 #: expire ``lease_ttl`` after their last grant, and it gets no more) are taken back.
 DEFAULT_SERVER_TIMEOUT = 3.0
@@ -78,8 +85,8 @@ class AggregatorConfig:
 
     @property
     def bucket(self) -> float:
-        """Width of a window bucket: the tick, or window/64 for long windows."""
-        return max(self.tick, self.policy.window / 64)
+        """Width of a window bucket: half a tick, or window/128 for long windows."""
+        return max(self.tick / 2, self.policy.window / 128)
 
 
 @dataclass
@@ -98,8 +105,12 @@ class AggregatorStats:
     malformed_reasons: dict[str, int] = field(default_factory=dict)
 
 
+#: Seconds one window of the server clock-offset estimate lasts (the estimate spans two).
+OFFSET_WINDOW = 30.0
+
+
 class _Server:
-    __slots__ = ("active", "index", "last_seen", "name", "seqs")
+    __slots__ = ("active", "index", "last_seen", "name", "offset", "seqs")
 
     def __init__(self, name: str, index: int) -> None:
         self.name = name
@@ -107,6 +118,17 @@ class _Server:
         self.active = True
         self.last_seen = -math.inf
         self.seqs: dict[int, tuple[int, int]] = {}  # partition -> (incarnation, seq)
+        # (current window max, previous window max, window start)
+        self.offset = (-math.inf, -math.inf, -math.inf)
+
+    def observe_offset(self, sample: float, now: float) -> float:
+        """Fold in ``end - received``; return the estimate (max over about a minute)."""
+        current, previous, since = self.offset
+        if now - since > OFFSET_WINDOW:
+            current, previous, since = -math.inf, current, now
+        current = max(current, sample)
+        self.offset = (current, previous, since)
+        return max(current, previous)
 
 
 class Aggregator:
@@ -168,6 +190,10 @@ class Aggregator:
         cutoff = now - self.config.server_timeout
         return [s.name for s in self._by_index if s.last_seen > cutoff]
 
+    def server_offsets(self) -> dict[str, float]:
+        """Each server's clock minus the aggregator's, less the fastest delivery seen (s)."""
+        return {s.name: max(s.offset[0], s.offset[1]) for s in self._by_index}
+
     def clients(self) -> int:
         with self._lock:
             return sum(len(p) for p in self._partitions.values())
@@ -197,11 +223,12 @@ class Aggregator:
         server.seqs[record.partition] = (batch.incarnation, batch.seq)
         server.last_seen = now
         server.active = True
+        offset = server.observe_offset(batch.end - now, now)
         with self._lock:
             state = self._partitions.get(record.partition)
             if state is None:
                 return False
-            state.apply(batch.records, server.index, now)
+            state.apply(batch.records, server.index, now, min(now, batch.end - offset))
         self.stats.batches += 1
         self.stats.records += int(batch.records.size)
         return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -52,10 +53,11 @@ END_MARK = "<!-- bench_local:end -->"
 BLOCK = 1000
 #: The small-limit policy (sliding log, and ``limits``' moving window): 10 per 10 s.
 SMALL = (10, 10)
-#: The large-limit policy: 1,000,000 per 10,000,000 s. Never exhausted during a run (every call
-#: takes the admit path) and slow enough to refill (0.1 token/s) that no tracked client turns
-#: idle, and so reclaimable, during a run: the client table stays at its full size.
-LARGE = (1_000_000, 10_000_000)
+#: The large-limit policy: 1,000,000 per 100,000,000 s. Never exhausted during a run (every call
+#: takes the admit path) and slow enough to refill (0.01 token/s: one request keeps a client
+#: busy for 100 s) that no tracked client turns idle, and so reclaimable, during a run: the
+#: client table keeps its full size and timed calls never insert.
+LARGE = (1_000_000, 100_000_000)
 ALGORITHMS = ("sliding_log", "token_bucket", "gcra", "fixed_window", "sliding_window")
 
 Shape = Literal["req", "one", "item"]
@@ -176,30 +178,47 @@ def contenders() -> list[Contender]:
 # -- the loops: identical for every contender but for the call's arguments ---------------------
 
 
-def run_blocks(built: Built, blocks: Sequence[list[str]]) -> int:
-    """Run every call, untimed inside; returns elapsed ns of the whole loop."""
+def run_blocks(built: Built, blocks: Sequence[list[str]]) -> tuple[int, list[int]]:
+    """Run every call. Returns elapsed ns of the whole loop and of each block.
+
+    Timing each block costs two ``perf_counter_ns()`` per ``BLOCK`` calls (< 0.1 ns per call);
+    the median block is robust to the preemptions a busy machine inflicts on the whole loop.
+    """
     f, item = built.call, built.item
     pc = time.perf_counter_ns
+    per_block: list[int] = []
+    app = per_block.append
     if built.shape == "req":
         t0 = pc()
         for block in blocks:
+            tb = pc()
             req = Request()
             for cid in block:
                 f(cid, req)
-        return pc() - t0
+            app(pc() - tb)
+        return pc() - t0, per_block
     if built.shape == "one":
         t0 = pc()
         for block in blocks:
+            tb = pc()
             req = Request()  # same loop work as the other shapes
             for cid in block:
                 f(cid)
-        return pc() - t0
+            app(pc() - tb)
+        return pc() - t0, per_block
     t0 = pc()
     for block in blocks:
+        tb = pc()
         req = Request()
         for cid in block:
             f(item, cid)
-    return pc() - t0
+        app(pc() - tb)
+    return pc() - t0, per_block
+
+
+def block_median_rate(blocks: Sequence[list[str]], per_block: Sequence[int]) -> float:
+    """Decisions/s of the median block."""
+    return float(1e9 / np.median([ns / len(b) for b, ns in zip(blocks, per_block, strict=True)]))
 
 
 def time_calls(built: Built, blocks: Sequence[list[str]]) -> tuple[list[int], int]:
@@ -255,9 +274,9 @@ def timer_overhead_ns(samples: int = 200_000) -> float:
 @dataclass
 class Config:
     sizes: tuple[int, ...]
-    calls: dict[int, int]  # timed calls per size
-    warmup: int
-    latency_calls: int
+    calls: dict[int, int]  # per client count: timed calls (decisions/s)
+    warmup: dict[int, int]  # untimed calls after inserting the clients
+    latency_calls: dict[int, int]  # individually timed calls (p50/p99)
     rounds: int
     memory_clients: int
     breakdown_calls: int
@@ -267,6 +286,7 @@ class Config:
 @dataclass
 class Sample:
     rate: float  # decisions/s over the whole timed loop
+    block_rate: float  # decisions/s of the median block of the timed loop
     p50: float  # ns, timer overhead subtracted
     p99: float
     admitted: float  # fraction admitted during the latency pass
@@ -301,17 +321,18 @@ def run_one(
     built = c.build(False)
     try:
         gc.collect()
-        t_ins = run_blocks(built, insert)
+        t_ins, _ = run_blocks(built, insert)
         n_ins = sum(map(len, insert))
         run_blocks(built, warm)
         gc.collect()
-        elapsed = run_blocks(built, timed)
+        elapsed, per_block = run_blocks(built, timed)
         n = sum(map(len, timed))
         lats, ok = time_calls(built, lat)
         arr = np.asarray(lats, dtype=np.float64) - overhead
         tracked = built.tracked() if built.tracked else -1
         return Sample(
             rate=n / (elapsed / 1e9),
+            block_rate=block_median_rate(timed, per_block),
             p50=float(np.percentile(arr, 50)),
             p99=float(np.percentile(arr, 99)),
             admitted=ok / len(lats),
@@ -324,26 +345,28 @@ def run_one(
         gc.collect()
 
 
-def throughput(cfg: Config, cs: list[Contender], log: Callable[[str], None]) -> list[Row]:
+def throughput(
+    cfg: Config, cs: list[Contender], overhead: float, log: Callable[[str], None]
+) -> list[Row]:
     rng = np.random.default_rng(cfg.seed)
-    overhead = timer_overhead_ns()
     rows: list[Row] = []
     for n in cfg.sizes:
         ids = [f"client-{i}" for i in range(n)]
         insert = blocks_of(ids, rng.permutation(n))
-        warm = blocks_of(ids, rng.integers(0, n, cfg.warmup))
+        warm = blocks_of(ids, rng.integers(0, n, cfg.warmup[n]))
         timed = blocks_of(ids, rng.integers(0, n, cfg.calls[n]))
-        lat = blocks_of(ids, rng.integers(0, n, cfg.latency_calls))
+        lat = blocks_of(ids, rng.integers(0, n, cfg.latency_calls[n]))
         by_name = {c.name: Row(c.name, c.policy, n) for c in cs}
         for r in range(cfg.rounds):
             order = cs[r % len(cs) :] + cs[: r % len(cs)]  # rotate: spread drift over contenders
             for c in order:
+                t0 = time.perf_counter()
                 s = run_one(c, insert, warm, timed, lat, overhead)
                 by_name[c.name].samples.append(s)
                 log(
                     f"  n={n:>9,} round {r + 1}/{cfg.rounds} {c.name:<45} "
                     f"{s.rate / 1e6:6.3f} M/s  p50 {s.p50:7.0f} ns  p99 {s.p99:7.0f} ns  "
-                    f"admitted {s.admitted:6.1%}"
+                    f"admitted {s.admitted:6.1%}  ({time.perf_counter() - t0:.1f} s)"
                 )
         rows.extend(by_name.values())
         del ids, insert, warm, timed, lat
@@ -402,10 +425,10 @@ def memory(cfg: Config, cs: list[Contender], log: Callable[[str], None]) -> list
 
 
 class _Steps:
-    """allow_request cut short after each step, on a real limiter's table (reads its internals).
+    """``allow_request`` cut short after each step, on a real limiter's table (reads internals).
 
-    Each method repeats the code of ``RateLimiter.allow_request`` up to a point; the differences
-    between consecutive steps are what that step costs.
+    Each method repeats the first lines of ``RateLimiter.allow_request`` up to a point; the
+    differences between consecutive steps are what each step costs.
     """
 
     __slots__ = ("_clock", "_max_age", "_max_skew", "_shard_mask", "_shards")
@@ -427,7 +450,19 @@ class _Steps:
         t = self._clock()
         return not (now < t - self._max_age or now > t + self._max_skew)
 
-    def lookup(self, client_id: str, request: Request) -> bool:
+    def home(self, client_id: str, request: Request) -> bool:
+        if type(client_id) is not str or not 0 < len(client_id) <= 256:
+            raise ValueError(client_id)
+        now = request.timestamp
+        t = self._clock()
+        if now < t - self._max_age or now > t + self._max_skew:
+            return False
+        h = hash(client_id) or 1
+        shard = self._shards[h & self._shard_mask]
+        i = (h >> shard.shift) & shard.mask
+        return shard.kv[i] == h  # not in its home slot: stop here
+
+    def probe(self, client_id: str, request: Request) -> bool:
         if type(client_id) is not str or not 0 < len(client_id) <= 256:
             raise ValueError(client_id)
         now = request.timestamp
@@ -460,14 +495,30 @@ class _Steps:
         finally:
             lock.release()
 
+    def displaced(self, ids: Sequence[str]) -> float:
+        """Share of ``ids`` not in their home slot (their look-up calls ``Shard.slot``)."""
+        away = 0
+        for cid in ids:
+            h = hash(cid) or 1
+            shard = self._shards[h & self._shard_mask]
+            away += shard.kv[(h >> shard.shift) & shard.mask] != h
+        return away / len(ids)
+
 
 @dataclass
 class Step:
     step: str
     ns: float  # median ns per call (whole loop / calls)
+    vs: int | None = None  # index of the step this one adds to
 
 
-def breakdown(cfg: Config, log: Callable[[str], None]) -> tuple[str, list[Step]]:
+@dataclass
+class Breakdown:
+    what: str
+    steps: list[Step]
+
+
+def breakdown(cfg: Config, log: Callable[[str], None]) -> Breakdown:
     n = min(cfg.sizes)
     ids = [f"client-{i}" for i in range(n)]
     rng = np.random.default_rng(cfg.seed + 2)
@@ -476,30 +527,40 @@ def breakdown(cfg: Config, log: Callable[[str], None]) -> tuple[str, list[Step]]
     rl = RateLimiter(*LARGE, algorithm="gcra")
     run_blocks(Built(allow, "req"), blocks_of(ids, rng.permutation(n)))
     run_blocks(Built(rl.allow_request, "req"), blocks_of(ids, rng.permutation(n)))
-    steps = _Steps(rl)
+    cut = _Steps(rl)
+    away = cut.displaced(ids)
 
     def nothing(client_id: str, request: Request) -> bool:
         return True
 
-    variants: list[tuple[str, Call]] = [
-        ("plain function returning True (loop + call floor)", nothing),
-        ("floor: dict + plain function (token bucket)", allow),
-        ("method returning True", steps.call_only),
-        ("+ client id check, request.timestamp, clock(), age/skew checks", steps.checks),
-        ("+ hash, shard select, home-slot read from the int64 memoryview", steps.lookup),
-        ("+ shard lock acquire/release (try/finally)", steps.locked),
-        ("+ GCRA consume on the float64 memoryview = allow_request", rl.allow_request),
+    variants: list[tuple[str, Call, int | None]] = [
+        ("plain function returning True: loop + call", nothing, None),
+        ("floor: dict + plain function (token bucket)", allow, 0),
+        ("method returning True", cut.call_only, 0),
+        ("+ client id check, request.timestamp, clock(), age/skew checks", cut.checks, 2),
+        ("+ hash(), shard select, home slot index, int64 memoryview read", cut.home, 3),
+        (
+            f"+ Shard.slot() probe for the {away:.0%} of clients not in their home slot",
+            cut.probe,
+            4,
+        ),
+        ("+ shard lock acquire/release (try/finally)", cut.locked, 5),
+        ("+ algorithm consume() and the rest = allow_request", rl.allow_request, 6),
     ]
-    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    times: list[list[float]] = [[] for _ in variants]
     for r in range(cfg.rounds):
-        for name, f in variants[r % len(variants) :] + variants[: r % len(variants)]:
-            b = Built(f, "req")
+        order = list(range(len(variants)))
+        for k in order[r % len(order) :] + order[: r % len(order)]:
+            b = Built(variants[k][1], "req")
             run_blocks(b, timed[: max(1, len(timed) // 10)])  # warm-up
-            times[name].append(run_blocks(b, timed) / (len(timed) * BLOCK))
-    out = [Step(name, float(statistics.median(times[name]))) for name, _ in variants]
-    for s in out:
-        log(f"  breakdown {s.step:<70} {s.ns:7.1f} ns/call")
-    return f"gcra, {LARGE[0]:,} per {LARGE[1]:,} s, {n:,} clients", out
+            times[k].append(1e9 / block_median_rate(timed, run_blocks(b, timed)[1]))
+    out = [
+        Step(name, float(statistics.median(t)), vs)
+        for (name, _, vs), t in zip(variants, times, strict=True)
+    ]
+    for st in out:
+        log(f"  breakdown {st.step:<75} {st.ns:7.1f} ns/call")
+    return Breakdown(f"gcra, {LARGE[0]:,} per {LARGE[1]:,} s, {n:,} clients", out)
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -519,15 +580,27 @@ def machine() -> dict[str, str]:
         clocksource = clock.read_text().strip()
     except OSError:
         clocksource = "unknown"
+    digest = hashlib.sha256()
+    for f in sorted((ROOT / "limiter").glob("*.py")):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
     return {
         "cpu": cpu,
         "cores": str(os.cpu_count()),
-        "python": platform.python_version() + f" ({platform.python_implementation()})",
+        "python": f"{platform.python_version()} ({platform.python_implementation()})",
         "numpy": np.__version__,
-        "limits": getattr(limits, "__version__", "not installed") if limits else "not installed",
+        "limits": getattr(limits, "__version__", "?") if limits else "not installed",
         "platform": platform.platform(),
         "clocksource": clocksource,
+        "limiter_sha256": digest.hexdigest()[:12],
+        "loadavg_start": loadavg(),
     }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def fmt_rate(x: float) -> str:
@@ -540,25 +613,29 @@ def report(
     facts: dict[str, str],
     rows: list[Row],
     mem: list[MemRow],
-    steps: tuple[str, list[Step]] | None,
+    cuts: Breakdown | None,
     overhead: float,
     seconds: float,
 ) -> str:
+    per_size = "; ".join(
+        f"{n:,} clients: {cfg.warmup[n]:,} warm-up, {cfg.calls[n]:,} timed, "
+        f"{cfg.latency_calls[n]:,} latency calls"
+        for n in cfg.sizes
+    )
     lines = [
-        f"Command: `{command}` ({seconds:.0f} s wall, {time.strftime('%Y-%m-%d')}).",
+        f"Command: `{command}` ({seconds:.0f} s wall, {time.strftime('%Y-%m-%d')}; "
+        f"limiter/*.py sha256 {facts['limiter_sha256']}).",
         "",
         f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['platform']}; "
         f"Python {facts['python']}, numpy {facts['numpy']}, limits {facts['limits']}; "
-        f"clocksource {facts['clocksource']}, perf_counter_ns pair overhead {overhead:.0f} ns.",
+        f"clocksource {facts['clocksource']}, perf_counter_ns pair overhead {overhead:.0f} ns; "
+        f"load average {facts['loadavg_start']} at start, {facts['loadavg_end']} at end.",
         "",
-        f"Median of {cfg.rounds} interleaved round(s); each round builds every contender afresh, "
-        f"inserts all clients once, warms up with {cfg.warmup:,} calls, then times "
-        + ", ".join(f"{cfg.calls[n]:,} calls at {n:,} clients" for n in cfg.sizes)
-        + f" (decisions/s over the whole loop) and {cfg.latency_calls:,} individually timed "
-        "calls (p50/p99, timer overhead subtracted). "
-        "*vs floor* = floor decisions/s ÷ contender decisions/s in the same run (target for "
-        "`allow_request`: ≤ 4×). *admitted* = share of the latency calls admitted; "
-        "*first seen* = decisions/s while inserting the clients (untimed otherwise).",
+        f"Median of {cfg.rounds} interleaved round(s) ({per_size}). *decisions/s*: timed calls ÷ "
+        "time of the whole loop; *vs floor*: floor decisions/s ÷ contender decisions/s, same run "
+        "(target for `allow_request`: ≤ 4×); *p50*/*p99*: individually timed calls, timer "
+        "overhead subtracted; *admitted*: share of the latency calls admitted; *first seen*: "
+        "decisions/s while each client is inserted once.",
         "",
         "| contender | policy | clients | decisions/s | vs floor | p50 ns | p99 ns | admitted "
         "| first seen |",
@@ -577,8 +654,8 @@ def report(
     lines += [
         "",
         f"Memory per tracked client after inserting {cfg.memory_clients:,} clients "
-        "(tracemalloc: traced after − traced before, ÷ clients; the id strings are allocated "
-        "before tracing; *peak* includes the transient old+new arrays of a table doubling). "
+        "(tracemalloc: traced after − traced before, ÷ clients; id strings allocated before "
+        "tracing; *peak* includes the transient old + new arrays of a table doubling). "
         "Target: < 100 bytes per tracked client.",
         "",
         "| contender | policy | tracked | traced B/client | peak B/client | memory_bytes()/len |",
@@ -590,22 +667,19 @@ def report(
             f"| {m.contender} | {m.policy} | {m.tracked:,} | {m.traced_per_client:.1f} | "
             f"{m.peak_per_client:.1f} | {table} |"
         )
-    if steps is not None:
-        what, ss = steps
+    if cuts is not None:
         lines += [
             "",
-            f"Where the time goes in `allow_request` ({what}): the same loop over cumulative cuts "
-            "of its code (ns per call, whole loop ÷ calls, median of rounds; loop overhead "
-            "included in every line).",
+            f"Where the time goes in `allow_request` ({cuts.what}): the same loop over cumulative "
+            "cuts of its code; ns per call (whole loop ÷ calls, loop overhead included), median "
+            "of the rounds; *step* = this line − the line it adds to.",
             "",
-            "| variant | ns/call | step cost |",
+            "| variant | ns/call | step |",
             "|---|--:|--:|",
         ]
-        base = {2: 0}  # "method returning True" is compared with the plain function
-        for i, s in enumerate(ss):
-            j = base.get(i, i - 1)
-            step = f"{s.ns - ss[j].ns:+.0f}" if i >= 2 else ""
-            lines.append(f"| {s.step} | {s.ns:.0f} | {step} |")
+        for st in cuts.steps:
+            step = "" if st.vs is None else f"{st.ns - cuts.steps[st.vs].ns:+.0f}"
+            lines.append(f"| {st.step} | {st.ns:.0f} | {step} |")
     return "\n".join(lines) + "\n"
 
 
@@ -636,8 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = Config(
             sizes=(10_000, 100_000),
             calls={10_000: 100_000, 100_000: 100_000},
-            warmup=10_000,
-            latency_calls=10_000,
+            warmup={10_000: 10_000, 100_000: 10_000},
+            latency_calls={10_000: 10_000, 100_000: 10_000},
             rounds=1,
             memory_clients=50_000,
             breakdown_calls=200_000,
@@ -645,12 +719,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         cfg = Config(
             sizes=(10_000, 1_000_000),
-            calls={10_000: 1_000_000, 1_000_000: 1_000_000},
-            warmup=100_000,
-            latency_calls=100_000,
+            calls={10_000: 1_000_000, 1_000_000: 500_000},
+            warmup={10_000: 100_000, 1_000_000: 50_000},
+            latency_calls={10_000: 100_000, 1_000_000: 50_000},
             rounds=3,
             memory_clients=1_000_000,
-            breakdown_calls=2_000_000,
+            breakdown_calls=1_000_000,
         )
     if args.rounds:
         cfg.rounds = args.rounds
@@ -669,18 +743,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     cs = contenders()
     overhead = timer_overhead_ns()
-    rows = throughput(cfg, cs, log)
+    rows = throughput(cfg, cs, overhead, log)
     log(f"  throughput done at {time.perf_counter() - t0:.0f} s")
     mem = memory(cfg, cs, log)
     log(f"  memory done at {time.perf_counter() - t0:.0f} s")
-    steps = None
+    cuts = None
     if not args.no_breakdown:
         try:
-            steps = breakdown(cfg, log)
+            cuts = breakdown(cfg, log)
         except (AttributeError, TypeError) as e:  # the limiter's internals changed
             log(f"  breakdown skipped: {e!r}")
     seconds = time.perf_counter() - t0
-    text = report(cfg, command, facts, rows, mem, steps, overhead, seconds)
+    facts["loadavg_end"] = loadavg()
+    text = report(cfg, command, facts, rows, mem, cuts, overhead, seconds)
     print(text)
     if args.json:
         args.json.write_text(
@@ -690,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "config": asdict(cfg),
                     "rows": [asdict(r) for r in rows],
                     "memory": [asdict(m) for m in mem],
-                    "breakdown": [asdict(s) for s in steps[1]] if steps else None,
+                    "breakdown": asdict(cuts) if cuts else None,
                 },
                 indent=1,
             )

@@ -11,9 +11,10 @@ aggregator can hand them to other servers. Without a live lease a request is dec
   its meter has drained and then holds it for ``c * window * N / limit``: at most
   ``limit / N + c_max`` tokens per window per server, never unlimited;
 - **cold start** (the stream is healthy but this client has no lease here yet): ``optimistic``
-  admits up to ``cold_start_allowance * limit`` tokens (at least one) per window while the usage
-  report asks for a lease; ``wait`` holds the request up to ``wait_timeout`` for one; ``reject``
-  refuses.
+  admits up to ``a = max(1, floor(cold_start_allowance * limit))`` tokens per window while the
+  usage report asks for a lease (the same drained-meter rule at ``a`` per window: at most ``a``
+  unit requests in any window); ``wait`` holds the request up to ``wait_timeout`` for a lease;
+  ``reject`` refuses.
 
 Every decision is counted in the client's usage cells (tokens admitted from the lease, admitted
 outside it, refused, released), which the streaming agent drains every report interval.
@@ -30,13 +31,13 @@ from .algorithms import Algorithm, Cells
 from .rate import Policy
 
 # cell offsets (float64; KEY holds the stable key's int64 bits)
-TOKENS, EXPIRY, COLD_START, COLD_USED, DEGRADED_TAT = 0, 1, 2, 3, 4
+TOKENS, EXPIRY, COLD_TAT, DEGRADED_TAT = 0, 1, 2, 3
 #: Usage since the last drain, in tokens: admitted from the lease, admitted outside it (cold
 #: start, degraded), refused (or waiting), and released (left in an expired lease).
-ADMITTED, EXTRA, REJECTED, RELEASED = 5, 6, 7, 8
+ADMITTED, EXTRA, REJECTED, RELEASED = 4, 5, 6, 7
 USAGE = slice(ADMITTED, RELEASED + 1)
-KEY = 9
-WIDTH = 10
+KEY = 8
+WIDTH = 9
 
 COLD_START_POLICIES = ("optimistic", "wait", "reject")
 
@@ -97,7 +98,7 @@ class LeaseAlgorithm(Algorithm):
         self.interval = self.window * self.servers / self.limit
 
     def fresh(self) -> tuple[float, ...]:
-        return (0.0, -INF, -INF, 0.0, -INF, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return (0.0, -INF, -INF, -INF, 0.0, 0.0, 0.0, 0.0, 0.0)
 
     def set_servers(self, servers: int) -> None:
         """The active server count the degraded share divides the limit by."""
@@ -125,14 +126,13 @@ class LeaseAlgorithm(Algorithm):
             s[b + DEGRADED_TAT] = now + cost * self.interval
             s[b + EXTRA] += cost
             return True
-        if now - s[b + COLD_START] >= self.window:
-            s[b + COLD_START] = now
-            s[b + COLD_USED] = 0.0
-        used = s[b + COLD_USED] + cost
-        if used <= self.allowance:
-            s[b + COLD_USED] = used
-            s[b + EXTRA] += cost
-            return True
+        if self.allowance > 0.0:
+            # cold start: the same drained-meter rule, at `allowance` tokens per window
+            tat = s[b + COLD_TAT]
+            if tat <= now:
+                s[b + COLD_TAT] = now + cost * self.window / self.allowance
+                s[b + EXTRA] += cost
+                return True
         s[b + REJECTED] += cost
         return False
 
@@ -148,9 +148,7 @@ class LeaseAlgorithm(Algorithm):
             return int(s[b + TOKENS])
         if self.degraded(now):
             return 1 if s[b + DEGRADED_TAT] <= now else 0
-        if now - s[b + COLD_START] >= self.window:
-            return int(self.allowance)
-        return int(self.allowance - s[b + COLD_USED])
+        return int(self.allowance) if s[b + COLD_TAT] <= now else 0
 
     def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
         if self.allows(s, b, now, cost):
@@ -161,7 +159,7 @@ class LeaseAlgorithm(Algorithm):
         return min(self.window, 0.2)
 
     def reset_after(self, s: Cells, b: int, now: float) -> float:
-        end = max(s[b + EXPIRY], s[b + DEGRADED_TAT], s[b + COLD_START] + self.window)
+        end = max(s[b + EXPIRY], s[b + DEGRADED_TAT], s[b + COLD_TAT])
         return max(0.0, end - now)
 
     def idle(self, s: Cells, b: int, now: float) -> bool:

@@ -16,7 +16,16 @@ from .clientid import MAX_CLIENT_ID_LENGTH, validate_client_id
 from .decision import Decision, Reason
 from .errors import AcquireTimeout, RateLimitExceeded
 from .keys import client_key, signed
-from .lease import KEY, USAGE, WIDTH, LeaseAlgorithm, LeaseOptions, release_expired
+from .lease import (
+    EXPIRY,
+    KEY,
+    TOKENS,
+    USAGE,
+    WIDTH,
+    LeaseAlgorithm,
+    LeaseOptions,
+    release_expired,
+)
 from .rate import DEFAULT_ALGORITHM, Policy, parse_rates
 from .request import Request
 from .table import ClientTable, Shard
@@ -332,6 +341,22 @@ class RateLimiter:
                 lease.grant(shard.views[0], i * lease.width, float(amount), expiry, now)
             installed += 1
         return installed
+
+    def lease_info(self, client_id: str) -> tuple[float, float] | None:
+        """``(tokens, seconds left)`` of the client's live lease here, else None."""
+        lease = self.lease
+        client_id = validate_client_id(client_id)
+        h = hash(client_id) or 1
+        shard = self._shards[h & self._shard_mask]
+        now = self._clock()
+        with shard.lock:
+            i = shard.find(h)
+            if i < 0:
+                return None
+            s, b = shard.views[0], i * WIDTH
+            if not lease.leased(s, b, now):
+                return None
+            return s[b + TOKENS], s[b + EXPIRY] - now
 
     def note_grant_batch(self, received_at: float, servers: int) -> None:
         """A grant batch arrived (the stream is healthy); ``servers`` are active in the fleet."""

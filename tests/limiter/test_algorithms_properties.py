@@ -436,7 +436,7 @@ def test_several_policies_match_independent_models(
     )
     models = [make_model(alg, limit, window, burst) for alg, limit, window, burst in params]
     admitted = replay(lim, models, t0, steps)
-    for (alg, limit, window, burst), m in zip(params, models, strict=True):
+    for (alg, limit, window, _), m in zip(params, models, strict=True):
         check_bounds(alg, limit, window, m.capacity, admitted)
 
 

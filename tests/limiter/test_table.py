@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from limiter import RateLimiter, Reason
-from limiter.table import INITIAL_SLOTS, MAX_LOAD, ClientTable, Shard, place
+from limiter.table import INITIAL_SLOTS, MAX_LOAD, ClientTable, IdleTest, Shard, place
 
 FRESH = (0.0, -1.0)
 WIDTH = len(FRESH)
@@ -27,14 +27,14 @@ def idle_when_expired(shard: Shard, i: int, now: float) -> bool:
     return bool(shard.arrays[0][i * WIDTH] <= now)
 
 
-def make_shard(shift: int = 0, max_count: int = 1 << 30, idle=never_idle) -> Shard:  # noqa: ANN001
+def make_shard(shift: int = 0, max_count: int = 1 << 30, idle: IdleTest = never_idle) -> Shard:
     return Shard([WIDTH], [FRESH], idle, max_count, shift)
 
 
 def key(group: int, j: int, shift: int, low: int = 0) -> int:
     """A non-zero int64 key whose home bits are ``group`` for every table of <= 2**20 slots."""
     h = ((group + (j << HOME_BITS)) << shift) | low
-    return h if j % 2 == 0 else -h
+    return h if j % 2 == 0 else h - (1 << 63)  # negative, same low 63 bits: same home
 
 
 def home(h: int, shard: Shard) -> int:
@@ -94,16 +94,21 @@ def key_pool(draw: st.DrawFn, shift: int) -> list[int]:
 def test_shard_against_dict_model(data: st.DataObject) -> None:
     shift = data.draw(st.sampled_from([0, 2, 4]), label="shift")
     pool = data.draw(key_pool(shift), label="pool")
+    # a working set of keys, mostly from the crowded groups, so that chains form and break
+    working = data.draw(
+        st.lists(st.sampled_from(pool), min_size=1, max_size=40, unique=True), label="working"
+    )
     shard = make_shard(shift)
     model: dict[int, float] = {}
     ops = data.draw(
         st.lists(
             st.tuples(
                 st.sampled_from(["insert", "insert", "delete", "find"]),
-                st.sampled_from(pool),
+                st.sampled_from(working),
                 st.integers(1, 10**6),
             ),
-            max_size=150,
+            min_size=10,
+            max_size=200,
         ),
         label="ops",
     )
@@ -127,6 +132,28 @@ def test_shard_against_dict_model(data: st.DataObject) -> None:
             i = shard.find(h)
             assert (i >= 0) == (h in model)
         check_invariants(shard, model, set(pool) - set(model))
+
+
+def test_delete_shifts_the_chain_back() -> None:
+    """Deleting the head of a probe chain moves the members whose home allows it; a member
+    sitting at its own home stays (hand-built chain, table of 16 slots)."""
+    shard = make_shard()
+    a, b, c = key(5, 2, 0), key(5, 3, 0), key(5, 4, 0)  # home 5
+    d = key(6, 2, 0)  # home 6, pushed to 8 by the chain
+    e = key(15, 2, 0)  # home 15: the last slot
+    f = key(15, 4, 0)  # home 15, wraps to slot 0
+    slots = {h: shard.slot(h, 0.0) for h in (a, b, c, d, e, f)}
+    assert slots == {a: 5, b: 6, c: 7, d: 8, e: 15, f: 0}
+    for h, v in zip((a, b, c, d, e, f), range(1, 7), strict=True):
+        set_cells(shard, slots[h], float(v))
+    shard.delete(slots[a])
+    assert [shard.find(h) for h in (b, c, d)] == [5, 6, 7]  # all shifted back one slot
+    assert cells(shard, 5) == (2.0, -2.0) and cells(shard, 7) == (4.0, -4.0)
+    assert shard.keys[8] == 0 and cells(shard, 8) == FRESH
+    shard.delete(shard.find(e))
+    assert shard.find(f) == 15  # wrapped member moves back across the end
+    assert shard.keys[0] == 0 and cells(shard, 15) == (6.0, -6.0)
+    check_invariants(shard, {b: 2.0, c: 3.0, d: 4.0, f: 6.0}, {a, e})
 
 
 def test_shard_grows_and_keeps_state() -> None:

@@ -1,0 +1,390 @@
+"""One contract, three transports: confluent-kafka, kafka-python and the in-process bus.
+
+Every test taking ``env`` runs once per transport; the Kafka ones use the session's real broker
+(``kafka_bootstrap``) and are marked ``integration``. The dead-broker tests need no broker: they
+point a sender at a closed loopback port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from producer.transport import InProcessBus, QueueFull, Receiver, Record, Sender, Transport
+
+pytestmark = pytest.mark.timeout(30)
+
+KAFKA_KINDS = ("confluent", "kafka-python")
+#: nothing listens on port 1 of the loopback interface: connections are refused at once
+DEAD_BOOTSTRAP = "127.0.0.1:1"
+#: a local queue of 10 messages that expire quickly, per client
+SMALL_QUEUE: dict[str, dict[str, Any]] = {
+    "confluent": {"queue.buffering.max.messages": 10, "message.timeout.ms": 2000},
+    "kafka-python": {
+        "max_queued_messages": 10,
+        "connect_wait_ms": 200,
+        "bootstrap_timeout_ms": 1000,
+    },
+}
+#: hold messages in the local queue for a second
+LONG_LINGER: dict[str, dict[str, Any]] = {
+    "confluent": {"linger.ms": 1000},
+    "kafka-python": {"linger_ms": 1000},
+}
+
+
+def make_transport(kind: str, bootstrap: str, config: Mapping[str, Any] | None = None) -> Transport:
+    if kind == "confluent":
+        from producer.kafka_confluent import ConfluentTransport
+
+        return ConfluentTransport(bootstrap, config)
+    if kind == "kafka-python":
+        from producer.kafka_python import KafkaPythonTransport
+
+        return KafkaPythonTransport(bootstrap, config)
+    raise ValueError(kind)
+
+
+@dataclass
+class Env:
+    """A transport under test, a way to make fresh topics, and cleanup of what tests open."""
+
+    kind: str
+    transport: Transport
+    new_topic: Callable[[int], str]
+    _open: list[Sender | Receiver] = field(default_factory=list)
+
+    def sender(self) -> Sender:
+        s = self.transport.sender()
+        self._open.append(s)
+        return s
+
+    def receiver(
+        self,
+        topic: str,
+        *,
+        partitions: Sequence[int] | None = None,
+        group: str | None = None,
+        on_assign: Callable[[list[int]], None] | None = None,
+        on_revoke: Callable[[list[int]], None] | None = None,
+    ) -> Receiver:
+        r = self.transport.receiver(
+            topic, partitions=partitions, group=group, on_assign=on_assign, on_revoke=on_revoke
+        )
+        self._open.append(r)
+        return r
+
+    def close(self, x: Sender | Receiver) -> None:
+        self._open.remove(x)
+        x.close()
+
+    def close_all(self) -> None:
+        while self._open:
+            with contextlib.suppress(Exception):
+                self._open.pop().close()
+
+
+def _env(request: pytest.FixtureRequest, kind: str) -> Env:
+    if kind == "inprocess":
+        bus = InProcessBus()
+
+        def new_bus_topic(partitions: int) -> str:
+            name = f"t-{uuid.uuid4().hex[:10]}"
+            bus.create_topic(name, partitions)
+            return name
+
+        return Env(kind, bus, new_bus_topic)
+    bootstrap: str = request.getfixturevalue("kafka_bootstrap")
+    unique_topic: Callable[..., str] = request.getfixturevalue("unique_topic")
+    return Env(kind, make_transport(kind, bootstrap), lambda n: unique_topic(partitions=n))
+
+
+ALL = [
+    pytest.param("inprocess", id="inprocess"),
+    *(pytest.param(k, id=k, marks=pytest.mark.integration) for k in KAFKA_KINDS),
+]
+KAFKA = [pytest.param(k, id=k, marks=pytest.mark.integration) for k in KAFKA_KINDS]
+
+
+@pytest.fixture(params=ALL)
+def env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    e = _env(request, request.param)
+    yield e
+    e.close_all()
+
+
+@pytest.fixture(params=KAFKA)
+def kafka_env(request: pytest.FixtureRequest) -> Iterator[Env]:
+    e = _env(request, request.param)
+    yield e
+    e.close_all()
+
+
+def collect(receiver: Receiver, count: int, timeout: float = 15.0) -> list[Record]:
+    """Poll until ``count`` records arrived (or ``timeout``), then briefly for any extra."""
+    got: list[Record] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        got.extend(receiver.poll(0.2))
+    got.extend(receiver.poll(0.3))
+    return got
+
+
+def wait_assigned(receiver: Receiver, assigned: list[list[int]], want: set[int]) -> None:
+    deadline = time.monotonic() + 15.0
+    while {p for ps in assigned for p in ps} != want:
+        assert time.monotonic() < deadline, f"on_assign calls so far: {assigned}"
+        assert receiver.poll(0.1) == []
+
+
+def assert_plausible(records: list[Record], since: float) -> None:
+    now = time.time()
+    for r in records:
+        assert since - 5 <= r.timestamp <= now + 5, (r, since, now)
+    offsets: dict[int, list[int]] = {}
+    for r in records:
+        offsets.setdefault(r.partition, []).append(r.offset)
+    for offs in offsets.values():
+        assert offs == sorted(set(offs)), offsets
+
+
+# -- the contract --------------------------------------------------------------------------------
+
+
+def test_partitions_reports_the_created_count(env: Env) -> None:
+    for n in (1, 3):
+        assert env.transport.partitions(env.new_topic(n)) == n
+
+
+def test_partitions_of_a_missing_topic_raises(env: Env) -> None:
+    missing = f"missing-{uuid.uuid4().hex}"
+    expected = ValueError if env.kind == "inprocess" else RuntimeError
+    with pytest.raises(expected, match=missing):
+        env.transport.partitions(missing)
+
+
+def test_fixed_receiver_reads_its_partition_from_its_creation(env: Env) -> None:
+    topic = env.new_topic(3)
+    early = env.sender()
+    early.send(topic, 1, b"before the receiver")
+    assert early.flush(10) == 0
+
+    since = time.time()
+    receiver = env.receiver(topic, partitions=[1])
+    assert receiver.assignment() == [1]
+    sender = env.sender()
+    sent: dict[int, list[bytes]] = {0: [], 1: [], 2: []}
+    for i in range(5):
+        for p in (0, 1, 2):
+            value = f"p{p}-m{i}-".encode() + bytes(range(256))  # every byte value, intact
+            sender.send(topic, p, value)
+            sent[p].append(value)
+    assert sender.flush(10) == 0
+    assert sender.errors == 0
+
+    got = collect(receiver, len(sent[1]))
+    assert [r.partition for r in got] == [1] * len(sent[1])
+    assert {r.topic for r in got} == {topic}
+    assert [r.value for r in got] == sent[1]
+    assert_plausible(got, since)
+    receiver.commit()  # no group: nothing to commit, must not raise
+    env.close(receiver)
+
+
+def test_group_receiver_is_assigned_every_partition_and_reads_later_messages(env: Env) -> None:
+    topic = env.new_topic(3)
+    assigned: list[list[int]] = []
+    revoked: list[list[int]] = []
+    receiver = env.receiver(
+        topic,
+        group=f"g-{uuid.uuid4().hex[:10]}",
+        on_assign=assigned.append,
+        on_revoke=revoked.append,
+    )
+    receiver.commit()  # before the group is joined: must not raise
+    wait_assigned(receiver, assigned, {0, 1, 2})
+    assert all(ps == sorted(ps) and ps for ps in assigned), assigned
+    assert receiver.assignment() == [0, 1, 2]
+    assert revoked == []
+
+    since = time.time()
+    sender = env.sender()
+    sent = [(p, f"g{p}-{i}".encode()) for i in range(4) for p in (0, 1, 2)]
+    for p, value in sent:
+        sender.send(topic, p, value)
+    assert sender.flush(10) == 0
+
+    got = collect(receiver, len(sent))
+    assert sorted((r.partition, r.value) for r in got) == sorted(sent)
+    for p in (0, 1, 2):  # in order within each partition
+        assert [r.value for r in got if r.partition == p] == [v for q, v in sent if q == p]
+    assert_plausible(got, since)
+    receiver.commit()
+    receiver.commit()
+    env.close(receiver)
+
+
+def test_flush_returns_zero_once_everything_is_delivered(env: Env) -> None:
+    topic = env.new_topic(4)
+    sender = env.sender()
+    for i in range(400):
+        sender.send(topic, i % 4, i.to_bytes(4, "big") * 16)
+        if i % 100 == 0:
+            sender.service()
+    assert sender.flush(10) == 0
+    sender.service()
+    assert sender.errors == 0
+    assert sender.flush(0) == 0
+
+
+def test_receivers_close_promptly(env: Env) -> None:
+    topic = env.new_topic(2)
+    fixed = env.receiver(topic, partitions=[0, 1])
+    assigned: list[list[int]] = []
+    group = env.receiver(topic, group=f"g-{uuid.uuid4().hex[:10]}", on_assign=assigned.append)
+    wait_assigned(group, assigned, {0, 1})
+    assert fixed.poll(0.1) == []
+    for r in (fixed, group):
+        start = time.monotonic()
+        env.close(r)
+        assert time.monotonic() - start < 10
+
+
+# -- local queue bounds (no in-process equivalent: the bus has no queue) ------------------------
+
+
+@pytest.mark.parametrize("kind", KAFKA_KINDS)
+def test_sender_raises_queue_full_when_the_broker_is_unreachable(kind: str) -> None:
+    transport = make_transport(kind, DEAD_BOOTSTRAP, SMALL_QUEUE[kind])
+    start = time.monotonic()
+    sender = transport.sender()
+    try:
+        taken = 0
+        with pytest.raises(QueueFull):
+            while taken <= 10:
+                t = time.monotonic()
+                sender.send("drl.contract", 0, b"x")
+                assert time.monotonic() - t < 0.5, "send blocked"
+                taken += 1
+        # confluent queues up to its bound; kafka-python takes nothing before it connects
+        assert taken <= 10
+        assert time.monotonic() - start < 5
+        assert sender.flush(0.2) == taken  # still queued, or expired by now
+    finally:
+        t = time.monotonic()
+        sender.close()
+        assert time.monotonic() - t < 3
+
+
+@pytest.mark.parametrize("kind", KAFKA)
+def test_sender_raises_queue_full_past_its_bound_then_recovers(
+    kind: str, kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    topic = unique_topic(partitions=1)
+    transport = make_transport(kind, kafka_bootstrap, {**SMALL_QUEUE[kind], **LONG_LINGER[kind]})
+    sender = transport.sender()
+    try:
+        for i in range(10):  # held by the 1 s linger
+            sender.send(topic, 0, b"%d" % i)
+        with pytest.raises(QueueFull):
+            sender.send(topic, 0, b"one too many")
+        assert sender.flush(10) == 0
+        sender.send(topic, 0, b"room again")
+        assert sender.flush(10) == 0
+        assert sender.errors == 0
+    finally:
+        sender.close()
+
+
+# -- across clients -----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("producer_kind", "consumer_kind"),
+    [("confluent", "kafka-python"), ("kafka-python", "confluent")],
+    ids=["confluent-to-kafka-python", "kafka-python-to-confluent"],
+)
+def test_cross_client(
+    producer_kind: str,
+    consumer_kind: str,
+    kafka_bootstrap: str,
+    unique_topic: Callable[..., str],
+) -> None:
+    topic = unique_topic(partitions=2)
+    consumer_side = make_transport(consumer_kind, kafka_bootstrap)
+    producer_side = make_transport(producer_kind, kafka_bootstrap)
+    assert consumer_side.partitions(topic) == producer_side.partitions(topic) == 2
+    since = time.time()
+    receiver = consumer_side.receiver(topic, partitions=[0, 1])
+    assigned: list[list[int]] = []
+    group = consumer_side.receiver(
+        topic, group=f"g-{uuid.uuid4().hex[:10]}", on_assign=assigned.append
+    )
+    sender = producer_side.sender()
+    try:
+        wait_assigned(group, assigned, {0, 1})
+        sent = [
+            (p, f"{producer_kind}-{p}-{i}".encode() + b"\x00\xff") for i in range(5) for p in (0, 1)
+        ]
+        for p, value in sent:
+            sender.send(topic, p, value)
+        assert sender.flush(10) == 0
+        assert sender.errors == 0
+        for r in (receiver, group):
+            got = collect(r, len(sent))
+            for p in (0, 1):
+                assert [x.value for x in got if x.partition == p] == [v for q, v in sent if q == p]
+            assert len(got) == len(sent)
+            assert_plausible(got, since)
+    finally:
+        sender.close()
+        receiver.close()
+        group.close()
+
+
+# -- kafka-python specifics ----------------------------------------------------------------------
+
+
+def test_kafka_python_config_is_routed_and_checked() -> None:
+    from producer.kafka_python import KafkaPythonTransport
+
+    t = KafkaPythonTransport(
+        DEAD_BOOTSTRAP,
+        {
+            "linger_ms": 20,
+            "client_id": "drl-test",
+            "session_timeout_ms": 9000,
+            "max_queued_messages": 7,
+        },
+    )
+    assert t.producer_config["linger_ms"] == 20
+    assert t.producer_config["acks"] == "all"
+    assert "session_timeout_ms" not in t.producer_config
+    assert t.consumer_config["session_timeout_ms"] == 9000
+    assert "linger_ms" not in t.consumer_config
+    assert t.producer_config["client_id"] == t.consumer_config["client_id"] == "drl-test"
+    assert t.admin_config["bootstrap_servers"] == DEAD_BOOTSTRAP
+    assert t.options["max_queued_messages"] == 7
+    assert "max_queued_messages" not in t.producer_config
+    # request_timeout_ms applies to every client; the producer's delivery timeout follows it
+    t = KafkaPythonTransport(DEAD_BOOTSTRAP, {"request_timeout_ms": 40000})
+    assert t.producer_config["delivery_timeout_ms"] >= 40000 + t.producer_config["linger_ms"]
+    with pytest.raises(ValueError, match=r"linger\.ms"):
+        KafkaPythonTransport(DEAD_BOOTSTRAP, {"linger.ms": 5})  # a librdkafka name
+
+
+@pytest.mark.integration
+def test_kafka_python_sender_surfaces_bad_settings(kafka_bootstrap: str) -> None:
+    from producer.kafka_python import KafkaPythonTransport
+
+    # kafka-python checks the codec after connecting: the error comes from sender(), not a
+    # background thread
+    with pytest.raises(ValueError, match="brotli"):
+        KafkaPythonTransport(kafka_bootstrap, {"compression_type": "brotli"}).sender()
