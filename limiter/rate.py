@@ -42,7 +42,7 @@ _UNITS: dict[str, float] = {
 }
 
 _RATE = re.compile(
-    r"""^\s*(?P<limit>\d+)\s*(?:/|per)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+?)s?\s*$""",
+    r"""^\s*(?P<limit>\d+)\s*(?:/|per)\s*(?P<count>\d+(?:\.\d+)?)?\s*(?P<unit>[a-z]+)\s*$""",
     re.IGNORECASE,
 )
 
@@ -132,6 +132,8 @@ def parse_rate(text: str, *, algorithm: str = DEFAULT_ALGORITHM) -> Policy:
         )
     unit = m.group("unit").lower()
     seconds = _UNITS.get(unit)
+    if seconds is None and unit.endswith("s") and len(unit) > 3:  # plural of a long name
+        seconds = _UNITS.get(unit[:-1])
     if seconds is None:
         raise ValueError(
             f"malformed rate {text!r}: unknown unit {unit!r} (use ms, second, minute, hour or day)"

@@ -421,6 +421,13 @@ class RateLimiter:
         return True
 
     def _idle(self, shard: Shard, i: int, now: float) -> bool:
+        """Whether slot ``i`` limits no request this limiter could still accept.
+
+        Judged at the earliest timestamp still accepted (clock - max_request_age), not at the
+        inserting request's own (possibly late or early) timestamp. With the age check off,
+        at the clock: a request stamped before that may then find the client forgotten.
+        """
+        now = self._clock() - self._max_age if self._max_age != math.inf else self._clock()
         views = shard.views
         return all(a.idle(s, i * a.width, now) for a, s in zip(self._algos, views, strict=True))
 
@@ -437,12 +444,15 @@ class RateLimiter:
         t = self._clock()
         if now is None:
             now = t
+        elif isinstance(now, bool) or not isinstance(now, int | float) or not math.isfinite(now):
+            raise ValueError(f"now must be a finite number of seconds, got {now!r}")
         elif now < t - self._max_age:
             return self._refusal(Reason.STALE, math.inf)
         elif now > t + self._max_skew:
             return self._refusal(Reason.FUTURE, now - t - self._max_skew)
-        if any(cost > a.capacity for a in self._algos):
-            return self._refusal(Reason.COST_EXCEEDS_LIMIT, math.inf)
+        for a in self._algos:
+            if cost > a.capacity:
+                return Decision(False, a.limit, 0, 0.0, math.inf, Reason.COST_EXCEEDS_LIMIT)
         h = hash(client_id) or 1
         shard = self._shards[h & self._shard_mask]
         with shard.lock:
@@ -450,6 +460,8 @@ class RateLimiter:
             if i < 0 and consume:
                 return self._refusal(Reason.CAPACITY, 1.0)
             if i < 0:
+                if shard.count >= shard.max_count:  # check() could only track it by reclaiming
+                    return self._refusal(Reason.CAPACITY, 1.0)
                 return self._fresh_decision(cost)
             if self._keyed:
                 self._set_key(shard, i, client_id)
@@ -499,7 +511,7 @@ def _resolve_policies(
         if max_requests is not None or window is not None:
             raise ValueError("give either max_requests and time_window_seconds, or policies")
         if isinstance(policies, str):
-            parsed = parse_rates(policies)
+            parsed = parse_rates(policies, algorithm=algorithm or DEFAULT_ALGORITHM)
         else:
             parsed = tuple(policies)
             if not parsed or not all(isinstance(p, Policy) for p in parsed):
@@ -517,4 +529,13 @@ def _resolve_policies(
         return parsed
     if max_requests is None or window is None:
         raise ValueError("max_requests and time_window_seconds are required (or give policies)")
+    if isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests <= 0:
+        raise ValueError(f"max_requests must be a whole number > 0, got {max_requests!r}")
+    if (
+        isinstance(window, bool)
+        or not isinstance(window, int | float)
+        or not math.isfinite(window)
+        or window <= 0
+    ):
+        raise ValueError(f"time_window_seconds must be a finite number > 0, got {window!r}")
     return (Policy(max_requests, window, burst, algorithm or DEFAULT_ALGORITHM),)

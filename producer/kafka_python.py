@@ -22,6 +22,11 @@ kafka-python:
 - **Receiver start.** ``KafkaConsumer()`` bootstraps eagerly too: creating a receiver while no
   broker answers fails after ``bootstrap_timeout_ms`` (default 10 s). A fixed-partition receiver
   resolves its end offsets before returning, so it receives everything sent after it exists.
+- **Undecodable batches.** A batch kafka-python cannot decode (lz4, snappy or zstd without their
+  Python packages -- lz4 is the confluent transport's default -- or a bad CRC) makes ``poll``
+  raise, and again on every later call: that partition stalls there. (Left alone, kafka-python
+  3.0 would spin forever inside the next ``poll``; the receiver prevents that.)
+- **Topics** are never auto-created by this transport (``allow_auto_create_topics=False``).
 
 ``config`` holds kafka-python keyword settings (``security_protocol``, ``sasl_*``, ``ssl_*``,
 ``client_id``, ``request_timeout_ms``...), overriding the defaults below; each key goes to the
@@ -59,6 +64,7 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     # packages. Usage and grant batches are small: send them uncompressed.
     "compression_type": None,
     "max_block_ms": 1000,
+    "allow_auto_create_topics": False,  # a missing topic is an error, not a 1-partition topic
     "request_timeout_ms": 10000,
     "delivery_timeout_ms": 30000,
     "bootstrap_timeout_ms": 10000,
@@ -70,6 +76,7 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "session_timeout_ms": 6000,
     "heartbeat_interval_ms": 1000,
     "bootstrap_timeout_ms": 10000,
+    "allow_auto_create_topics": False,
 }
 ADMIN_DEFAULTS: dict[str, Any] = {
     "request_timeout_ms": 10000,
@@ -320,6 +327,7 @@ class KafkaPythonReceiver:
         self._events_lock = threading.Lock()
         self._closed = False
         self.assigned: list[int] = []
+        self.errors = 0  # polls that raised
 
     # called by _Listener on kafka-python's I/O thread
     def _queue(self, assigned: bool, tps: Any) -> None:
@@ -353,10 +361,18 @@ class KafkaPythonReceiver:
                     self._on_revoke(parts)
 
     def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
-        batches = self._consumer.poll(
-            timeout_ms=max(0, int(timeout * 1000)), max_records=max(1, max_records)
-        )
-        self._dispatch()
+        try:
+            batches = self._consumer.poll(
+                timeout_ms=max(0, int(timeout * 1000)), max_records=max(1, max_records)
+            )
+        except Exception:
+            # a batch kafka-python cannot decode (lz4/snappy/zstd without their package, bad
+            # CRC) raises here; left as is, the next poll() spins forever on the broken batch
+            self.errors += 1
+            self._unstick()
+            raise
+        finally:
+            self._dispatch()
         out: list[Record] = []
         for records in batches.values():
             for r in records:
@@ -364,6 +380,16 @@ class KafkaPythonReceiver:
                     continue
                 out.append(Record(r.topic, r.partition, r.offset, r.timestamp / 1000.0, r.value))
         return out
+
+    def _unstick(self) -> None:
+        """Drop kafka-python 3.0's half-read batch, so the next poll fetches it again (and raises
+        again) instead of looping on it without end."""
+        fetcher: Any = getattr(self._consumer, "_fetcher", None)
+        part = getattr(fetcher, "_next_partition_records", None)
+        if part is not None:
+            with contextlib.suppress(Exception):
+                part.drain()
+            fetcher._next_partition_records = None
 
     def assignment(self) -> list[int]:
         return list(self.assigned)

@@ -32,11 +32,58 @@ SMALL_QUEUE: dict[str, dict[str, Any]] = {
         "bootstrap_timeout_ms": 1000,
     },
 }
+#: the barrier's marker message
+MARK = b"--mark--"
 #: hold messages in the local queue for a second
 LONG_LINGER: dict[str, dict[str, Any]] = {
     "confluent": {"linger.ms": 1000},
     "kafka-python": {"linger_ms": 1000},
 }
+
+
+CONFLUENT_LATE_END_OFFSET = (
+    "kafka_confluent: a receiver reading 'from the end' (assign at OFFSET_END, or a new group with"
+    " auto.offset.reset=latest) resolves that end offset asynchronously, ~0.5 s after receiver()"
+    " returns or on_assign runs: messages produced meanwhile are skipped"
+)
+CONFLUENT_AUTO_CREATES = (
+    "kafka_confluent: partitions() asks for the topic's metadata with auto-creation allowed, so"
+    " on a broker with auto.create.topics.enable=true it creates the missing topic (1 partition)"
+    " and sometimes returns 1"
+)
+NO_LZ4 = (
+    "kafka_confluent compresses with lz4 by default; kafka-python decodes lz4 only with the"
+    " 'lz4' package (not installed): its receiver raises UnsupportedCodecError"
+)
+
+
+def _admin(bootstrap: str) -> Any:
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({"bootstrap.servers": bootstrap})
+
+
+def _topic_exists(bootstrap: str, topic: str) -> bool:
+    # all topics: a metadata request naming no topic creates none
+    return topic in _admin(bootstrap).list_topics(timeout=10).topics
+
+
+def _appears(bootstrap: str, topic: str, within: float) -> bool:
+    """Whether ``topic`` exists within ``within`` s (auto-creation completes asynchronously)."""
+    deadline = time.monotonic() + within
+    while not _topic_exists(bootstrap, topic):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _delete_topic(bootstrap: str, topic: str) -> None:
+    admin = _admin(bootstrap)  # referenced until the futures are done
+    if topic in admin.list_topics(timeout=10).topics:
+        for fut in admin.delete_topics([topic], operation_timeout=10).values():
+            with contextlib.suppress(Exception):
+                fut.result(timeout=10)
 
 
 def make_transport(kind: str, bootstrap: str, config: Mapping[str, Any] | None = None) -> Transport:
@@ -58,6 +105,7 @@ class Env:
     kind: str
     transport: Transport
     new_topic: Callable[[int], str]
+    bootstrap: str | None = None
     _open: list[Sender | Receiver] = field(default_factory=list)
 
     def sender(self) -> Sender:
@@ -102,7 +150,9 @@ def _env(request: pytest.FixtureRequest, kind: str) -> Env:
         return Env(kind, bus, new_bus_topic)
     bootstrap: str = request.getfixturevalue("kafka_bootstrap")
     unique_topic: Callable[..., str] = request.getfixturevalue("unique_topic")
-    return Env(kind, make_transport(kind, bootstrap), lambda n: unique_topic(partitions=n))
+    return Env(
+        kind, make_transport(kind, bootstrap), lambda n: unique_topic(partitions=n), bootstrap
+    )
 
 
 ALL = [
@@ -119,21 +169,32 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
     e.close_all()
 
 
-@pytest.fixture(params=KAFKA)
-def kafka_env(request: pytest.FixtureRequest) -> Iterator[Env]:
-    e = _env(request, request.param)
-    yield e
-    e.close_all()
-
-
-def collect(receiver: Receiver, count: int, timeout: float = 15.0) -> list[Record]:
+def collect(
+    receiver: Receiver, count: int, timeout: float = 6.0, skip: bytes | None = None
+) -> list[Record]:
     """Poll until ``count`` records arrived (or ``timeout``), then briefly for any extra."""
     got: list[Record] = []
     deadline = time.monotonic() + timeout
     while len(got) < count and time.monotonic() < deadline:
-        got.extend(receiver.poll(0.2))
-    got.extend(receiver.poll(0.3))
+        got.extend(r for r in receiver.poll(0.2) if r.value != skip)
+    got.extend(r for r in receiver.poll(0.3) if r.value != skip)
     return got
+
+
+def barrier(
+    sender: Sender, receivers: Sequence[Receiver], topic: str, partitions: Sequence[int]
+) -> None:
+    """Send ``MARK`` until every receiver read one on every partition: from then on each reads
+    all that is sent (whatever its start-up delay)."""
+    pending = {(i, p) for i in range(len(receivers)) for p in partitions}
+    deadline = time.monotonic() + 15.0
+    while pending:
+        assert time.monotonic() < deadline, f"no mark read by (receiver, partition) {pending}"
+        for p in sorted({p for _, p in pending}):
+            sender.send(topic, p, MARK)
+        assert sender.flush(10) == 0
+        for i, r in enumerate(receivers):
+            pending -= {(i, x.partition) for x in r.poll(0.2) if x.value == MARK}
 
 
 def wait_assigned(receiver: Receiver, assigned: list[list[int]], want: set[int]) -> None:
@@ -162,23 +223,36 @@ def test_partitions_reports_the_created_count(env: Env) -> None:
         assert env.transport.partitions(env.new_topic(n)) == n
 
 
-def test_partitions_of_a_missing_topic_raises(env: Env) -> None:
+def test_partitions_of_a_missing_topic_raises_and_creates_nothing(
+    env: Env, request: pytest.FixtureRequest
+) -> None:
+    if env.kind == "confluent":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CONFLUENT_AUTO_CREATES))
     missing = f"missing-{uuid.uuid4().hex}"
     expected = ValueError if env.kind == "inprocess" else RuntimeError
-    with pytest.raises(expected, match=missing):
-        env.transport.partitions(missing)
+    try:
+        with pytest.raises(expected, match=missing):
+            env.transport.partitions(missing)
+        if env.bootstrap is not None:
+            assert not _appears(env.bootstrap, missing, within=1.0)
+    finally:
+        if env.bootstrap is not None and _appears(env.bootstrap, missing, within=0.0):
+            _delete_topic(env.bootstrap, missing)
 
 
-def test_fixed_receiver_reads_its_partition_from_its_creation(env: Env) -> None:
+def test_fixed_receiver_reads_its_partition_from_its_creation(
+    env: Env, request: pytest.FixtureRequest
+) -> None:
+    if env.kind == "confluent":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CONFLUENT_LATE_END_OFFSET))
     topic = env.new_topic(3)
-    early = env.sender()
-    early.send(topic, 1, b"before the receiver")
-    assert early.flush(10) == 0
+    sender = env.sender()  # connected before the receiver exists, so it sends at once below
+    sender.send(topic, 1, b"before the receiver")
+    assert sender.flush(10) == 0
 
     since = time.time()
     receiver = env.receiver(topic, partitions=[1])
     assert receiver.assignment() == [1]
-    sender = env.sender()
     sent: dict[int, list[bytes]] = {0: [], 1: [], 2: []}
     for i in range(5):
         for p in (0, 1, 2):
@@ -189,16 +263,42 @@ def test_fixed_receiver_reads_its_partition_from_its_creation(env: Env) -> None:
     assert sender.errors == 0
 
     got = collect(receiver, len(sent[1]))
+    assert [r.value for r in got] == sent[1]
     assert [r.partition for r in got] == [1] * len(sent[1])
     assert {r.topic for r in got} == {topic}
-    assert [r.value for r in got] == sent[1]
     assert_plausible(got, since)
     receiver.commit()  # no group: nothing to commit, must not raise
     env.close(receiver)
 
 
-def test_group_receiver_is_assigned_every_partition_and_reads_later_messages(env: Env) -> None:
+def test_fixed_receiver_reads_messages_sent_a_second_after_its_creation(env: Env) -> None:
+    """The same, minus the first second (which confluent-kafka misses, see above)."""
+    topic = env.new_topic(2)
+    sender = env.sender()
+    sender.send(topic, 0, b"before the receiver")
+    assert sender.flush(10) == 0
+    since = time.time()
+    receiver = env.receiver(topic, partitions=[0])
+    time.sleep(1.0)
+    sent = [b"m%d" % i for i in range(5)]
+    for value in sent:
+        sender.send(topic, 0, value)
+        sender.send(topic, 1, value + b" elsewhere")
+    assert sender.flush(10) == 0
+    got = collect(receiver, len(sent))
+    assert [(r.partition, r.value) for r in got] == [(0, v) for v in sent]
+    assert_plausible(got, since)
+
+
+def test_group_receiver_is_assigned_every_partition_and_reads_later_messages(
+    env: Env, request: pytest.FixtureRequest
+) -> None:
+    if env.kind == "confluent":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=CONFLUENT_LATE_END_OFFSET))
     topic = env.new_topic(3)
+    sender = env.sender()  # connected before the group is joined, so it sends at once below
+    sender.send(topic, 0, b"before the group")
+    assert sender.flush(10) == 0
     assigned: list[list[int]] = []
     revoked: list[list[int]] = []
     receiver = env.receiver(
@@ -214,13 +314,15 @@ def test_group_receiver_is_assigned_every_partition_and_reads_later_messages(env
     assert revoked == []
 
     since = time.time()
-    sender = env.sender()
     sent = [(p, f"g{p}-{i}".encode()) for i in range(4) for p in (0, 1, 2)]
     for p, value in sent:
         sender.send(topic, p, value)
     assert sender.flush(10) == 0
 
     got = collect(receiver, len(sent))
+    if env.kind == "inprocess":  # a new group of the bus reads from the start, Kafka's from the end
+        assert got[0].value == b"before the group"
+        got = got[1:]
     assert sorted((r.partition, r.value) for r in got) == sorted(sent)
     for p in (0, 1, 2):  # in order within each partition
         assert [r.value for r in got if r.partition == p] == [v for q, v in sent if q == p]
@@ -256,6 +358,51 @@ def test_receivers_close_promptly(env: Env) -> None:
         assert time.monotonic() - start < 10
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", KAFKA_KINDS)
+def test_two_group_members_split_the_partitions(
+    kind: str, kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    """Callbacks run inside poll(), on the polling thread; the first member gives up partitions."""
+    import threading
+
+    topic = unique_topic(partitions=4)
+    transport = make_transport(kind, kafka_bootstrap)
+    group = f"g-{uuid.uuid4().hex[:10]}"
+    polling = threading.current_thread()
+    events: list[tuple[str, str, list[int]]] = []
+
+    def recorder(member: str, what: str) -> Callable[[list[int]], None]:
+        def record(parts: list[int]) -> None:
+            assert threading.current_thread() is polling
+            events.append((member, what, parts))
+
+        return record
+
+    a = transport.receiver(
+        topic, group=group, on_assign=recorder("a", "assign"), on_revoke=recorder("a", "revoke")
+    )
+    b: Receiver | None = None
+    try:
+        deadline = time.monotonic() + 20
+        while a.assignment() != [0, 1, 2, 3]:
+            assert time.monotonic() < deadline, events
+            a.poll(0.1)
+        b = transport.receiver(
+            topic, group=group, on_assign=recorder("b", "assign"), on_revoke=recorder("b", "revoke")
+        )
+        while not (a.assignment() and b.assignment()):
+            assert time.monotonic() < deadline, events
+            a.poll(0.1)
+            b.poll(0.1)
+        assert sorted(a.assignment() + b.assignment()) == [0, 1, 2, 3], events
+        assert ("a", "revoke", [0, 1, 2, 3]) in events
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
 # -- local queue bounds (no in-process equivalent: the bus has no queue) ------------------------
 
 
@@ -275,7 +422,10 @@ def test_sender_raises_queue_full_when_the_broker_is_unreachable(kind: str) -> N
         # confluent queues up to its bound; kafka-python takes nothing before it connects
         assert taken <= 10
         assert time.monotonic() - start < 5
-        assert sender.flush(0.2) == taken  # still queued, or expired by now
+        assert sender.flush(0.1) == taken  # still queued
+        # confluent expires them after message.timeout.ms (2 s) and reports each as an error
+        assert sender.flush(5) == 0
+        assert sender.errors == taken
     finally:
         t = time.monotonic()
         sender.close()
@@ -305,24 +455,45 @@ def test_sender_raises_queue_full_past_its_bound_then_recovers(
 # -- across clients -----------------------------------------------------------------------------
 
 
+def _has_lz4() -> bool:
+    from kafka.codec import has_lz4
+
+    return bool(has_lz4())
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    ("producer_kind", "consumer_kind"),
-    [("confluent", "kafka-python"), ("kafka-python", "confluent")],
-    ids=["confluent-to-kafka-python", "kafka-python-to-confluent"],
+    ("producer_kind", "producer_config", "consumer_kind"),
+    [
+        pytest.param(
+            "confluent",
+            {},
+            "kafka-python",
+            id="confluent-default-lz4-to-kafka-python",
+            marks=pytest.mark.xfail(not _has_lz4(), reason=NO_LZ4, strict=True),
+        ),
+        pytest.param(
+            "confluent",
+            {"compression.type": "gzip"},
+            "kafka-python",
+            id="confluent-gzip-to-kafka-python",
+        ),
+        pytest.param("kafka-python", {}, "confluent", id="kafka-python-to-confluent"),
+    ],
 )
 def test_cross_client(
     producer_kind: str,
+    producer_config: dict[str, Any],
     consumer_kind: str,
     kafka_bootstrap: str,
     unique_topic: Callable[..., str],
 ) -> None:
     topic = unique_topic(partitions=2)
     consumer_side = make_transport(consumer_kind, kafka_bootstrap)
-    producer_side = make_transport(producer_kind, kafka_bootstrap)
+    producer_side = make_transport(producer_kind, kafka_bootstrap, producer_config)
     assert consumer_side.partitions(topic) == producer_side.partitions(topic) == 2
     since = time.time()
-    receiver = consumer_side.receiver(topic, partitions=[0, 1])
+    fixed = consumer_side.receiver(topic, partitions=[0, 1])
     assigned: list[list[int]] = []
     group = consumer_side.receiver(
         topic, group=f"g-{uuid.uuid4().hex[:10]}", on_assign=assigned.append
@@ -330,22 +501,26 @@ def test_cross_client(
     sender = producer_side.sender()
     try:
         wait_assigned(group, assigned, {0, 1})
+        barrier(sender, [fixed, group], topic, [0, 1])
+        # compressible values (a codec is used only when it shrinks the batch), every byte intact
         sent = [
-            (p, f"{producer_kind}-{p}-{i}".encode() + b"\x00\xff") for i in range(5) for p in (0, 1)
+            (p, f"{producer_kind}-{p}-{i}-".encode() + bytes(range(256)) + bytes(512))
+            for i in range(10)
+            for p in (0, 1)
         ]
         for p, value in sent:
             sender.send(topic, p, value)
         assert sender.flush(10) == 0
         assert sender.errors == 0
-        for r in (receiver, group):
-            got = collect(r, len(sent))
+        for r in (fixed, group):
+            got = collect(r, len(sent), skip=MARK)
             for p in (0, 1):
                 assert [x.value for x in got if x.partition == p] == [v for q, v in sent if q == p]
             assert len(got) == len(sent)
             assert_plausible(got, since)
     finally:
         sender.close()
-        receiver.close()
+        fixed.close()
         group.close()
 
 
@@ -388,3 +563,31 @@ def test_kafka_python_sender_surfaces_bad_settings(kafka_bootstrap: str) -> None
     # background thread
     with pytest.raises(ValueError, match="brotli"):
         KafkaPythonTransport(kafka_bootstrap, {"compression_type": "brotli"}).sender()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(_has_lz4(), reason="the lz4 package is installed: kafka-python decodes lz4")
+def test_kafka_python_receiver_raises_on_a_batch_it_cannot_decode_instead_of_hanging(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    """kafka-python 3.0 left alone spins forever in the poll() after such an error."""
+    from kafka.errors import UnsupportedCodecError
+
+    topic = unique_topic(partitions=1)
+    receiver = make_transport("kafka-python", kafka_bootstrap).receiver(topic, partitions=[0])
+    sender = make_transport("confluent", kafka_bootstrap, {"compression.type": "lz4"}).sender()
+    try:
+        for i in range(10):
+            sender.send(topic, 0, b"%d" % i + bytes(512))
+        assert sender.flush(10) == 0
+        for _ in range(3):
+            start = time.monotonic()
+            with pytest.raises(UnsupportedCodecError):
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    receiver.poll(0.2)
+            assert time.monotonic() - start < 10
+        assert getattr(receiver, "errors", None) == 3
+    finally:
+        sender.close()
+        receiver.close()
