@@ -9,7 +9,8 @@ Every contender is driven by the same loop: client ids are pre-generated strings
 ``f"client-{i}"``, the call sequence is drawn uniformly at random (seeded) before timing and
 split into blocks of ``BLOCK`` calls, and a fresh ``Request()`` is built at the start of every
 block for every contender (whether it uses it or not), so that timestamps stay within the
-limiter's default ``max_request_age`` and the loop overhead is the same for all.
+limiter's default ``max_request_age`` and the loop overhead is the same for all. Each block is
+timed in chunks of ``CHUNK`` calls.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ END_MARK = "<!-- bench_local:end -->"
 
 #: Calls per block; a new ``Request()`` is stamped at the start of each block.
 BLOCK = 1000
+#: Calls per timed chunk of a block (two ``perf_counter_ns()`` per chunk: < 0.5 ns per call).
+CHUNK = 100
+#: A block: ``BLOCK // CHUNK`` chunks of client ids.
+Blocks = list[list[list[str]]]
 #: The small-limit policy (sliding log, and ``limits``' moving window): 10 per 10 s.
 SMALL = (10, 10)
 #: The large-limit policy: 1,000,000 per 100,000,000 s. Never exhausted during a run (every call
@@ -178,50 +183,57 @@ def contenders() -> list[Contender]:
 # -- the loops: identical for every contender but for the call's arguments ---------------------
 
 
-def run_blocks(built: Built, blocks: Sequence[list[str]]) -> tuple[int, list[int]]:
-    """Run every call. Returns elapsed ns of the whole loop and of each block.
+def run_blocks(built: Built, blocks: Blocks) -> tuple[int, list[int]]:
+    """Run every call. Returns elapsed ns of the whole loop and of each chunk.
 
-    Timing each block costs two ``perf_counter_ns()`` per ``BLOCK`` calls (< 0.1 ns per call);
-    the median block is robust to the preemptions a busy machine inflicts on the whole loop.
+    The median chunk is robust to the preemptions a busy machine inflicts on the whole loop.
     """
     f, item = built.call, built.item
     pc = time.perf_counter_ns
-    per_block: list[int] = []
-    app = per_block.append
+    per_chunk: list[int] = []
+    app = per_chunk.append
     if built.shape == "req":
         t0 = pc()
         for block in blocks:
-            tb = pc()
             req = Request()
-            for cid in block:
-                f(cid, req)
-            app(pc() - tb)
-        return pc() - t0, per_block
+            for chunk in block:
+                tc = pc()
+                for cid in chunk:
+                    f(cid, req)
+                app(pc() - tc)
+        return pc() - t0, per_chunk
     if built.shape == "one":
         t0 = pc()
         for block in blocks:
-            tb = pc()
             req = Request()  # same loop work as the other shapes
-            for cid in block:
-                f(cid)
-            app(pc() - tb)
-        return pc() - t0, per_block
+            for chunk in block:
+                tc = pc()
+                for cid in chunk:
+                    f(cid)
+                app(pc() - tc)
+        return pc() - t0, per_chunk
     t0 = pc()
     for block in blocks:
-        tb = pc()
         req = Request()
-        for cid in block:
-            f(item, cid)
-        app(pc() - tb)
-    return pc() - t0, per_block
+        for chunk in block:
+            tc = pc()
+            for cid in chunk:
+                f(item, cid)
+            app(pc() - tc)
+    return pc() - t0, per_chunk
 
 
-def block_median_rate(blocks: Sequence[list[str]], per_block: Sequence[int]) -> float:
-    """Decisions/s of the median block."""
-    return float(1e9 / np.median([ns / len(b) for b, ns in zip(blocks, per_block, strict=True)]))
+def calls_in(blocks: Blocks) -> int:
+    return sum(len(chunk) for block in blocks for chunk in block)
 
 
-def time_calls(built: Built, blocks: Sequence[list[str]]) -> tuple[list[int], int]:
+def chunk_median_rate(blocks: Blocks, per_chunk: Sequence[int]) -> float:
+    """Decisions/s of the median chunk."""
+    sizes = [len(chunk) for block in blocks for chunk in block]
+    return float(1e9 / np.median([ns / k for k, ns in zip(sizes, per_chunk, strict=True)]))
+
+
+def time_calls(built: Built, blocks: Blocks) -> tuple[list[int], int]:
     """Per-call ``perf_counter_ns`` differences (timer overhead included) and calls admitted."""
     f, item = built.call, built.item
     pc = time.perf_counter_ns
@@ -230,30 +242,31 @@ def time_calls(built: Built, blocks: Sequence[list[str]]) -> tuple[list[int], in
     ok = 0
     for block in blocks:
         req = Request()
-        if built.shape == "req":
-            for cid in block:
-                t0 = pc()
-                r = f(cid, req)
-                t1 = pc()
-                app(t1 - t0)
-                if r:
-                    ok += 1
-        elif built.shape == "one":
-            for cid in block:
-                t0 = pc()
-                r = f(cid)
-                t1 = pc()
-                app(t1 - t0)
-                if r:
-                    ok += 1
-        else:
-            for cid in block:
-                t0 = pc()
-                r = f(item, cid)
-                t1 = pc()
-                app(t1 - t0)
-                if r:
-                    ok += 1
+        for chunk in block:
+            if built.shape == "req":
+                for cid in chunk:
+                    t0 = pc()
+                    r = f(cid, req)
+                    t1 = pc()
+                    app(t1 - t0)
+                    if r:
+                        ok += 1
+            elif built.shape == "one":
+                for cid in chunk:
+                    t0 = pc()
+                    r = f(cid)
+                    t1 = pc()
+                    app(t1 - t0)
+                    if r:
+                        ok += 1
+            else:
+                for cid in chunk:
+                    t0 = pc()
+                    r = f(item, cid)
+                    t1 = pc()
+                    app(t1 - t0)
+                    if r:
+                        ok += 1
     return out, ok
 
 
@@ -274,19 +287,24 @@ def timer_overhead_ns(samples: int = 200_000) -> float:
 @dataclass
 class Config:
     sizes: tuple[int, ...]
-    calls: dict[int, int]  # per client count: timed calls (decisions/s)
+    calls: dict[int, int]  # per client count: most timed calls (decisions/s)
     warmup: dict[int, int]  # untimed calls after inserting the clients
     latency_calls: dict[int, int]  # individually timed calls (p50/p99)
     rounds: int
     memory_clients: int
     breakdown_calls: int
+    #: Slow contenders get fewer timed calls: as many as the warm-up says fit in this many
+    #: seconds, but at least ``min_calls`` (a prefix of the same call sequence).
+    budget_s: float = 1.5
+    min_calls: int = 200_000
     seed: int = 20240607
 
 
 @dataclass
 class Sample:
+    calls: int  # timed calls
     rate: float  # decisions/s over the whole timed loop
-    block_rate: float  # decisions/s of the median block of the timed loop
+    chunk_rate: float  # decisions/s of the median chunk of the timed loop
     p50: float  # ns, timer overhead subtracted
     p99: float
     admitted: float  # fraction admitted during the latency pass
@@ -305,38 +323,45 @@ class Row:
         return float(statistics.median(getattr(s, attr) for s in self.samples))
 
 
-def blocks_of(ids: list[str], idx: np.ndarray) -> list[list[str]]:
+def blocks_of(ids: list[str], idx: np.ndarray) -> Blocks:
     seq = [ids[i] for i in idx.tolist()]
-    return [seq[k : k + BLOCK] for k in range(0, len(seq), BLOCK)]
+    return [
+        [seq[c : c + CHUNK] for c in range(b, min(b + BLOCK, len(seq)), CHUNK)]
+        for b in range(0, len(seq), BLOCK)
+    ]
 
 
 def run_one(
+    cfg: Config,
     c: Contender,
-    insert: list[list[str]],
-    warm: list[list[str]],
-    timed: list[list[str]],
-    lat: list[list[str]],
+    insert: Blocks,
+    warm: Blocks,
+    timed: Blocks,
+    lat: Blocks,
     overhead: float,
 ) -> Sample:
     built = c.build(False)
     try:
         gc.collect()
         t_ins, _ = run_blocks(built, insert)
-        n_ins = sum(map(len, insert))
-        run_blocks(built, warm)
+        t_warm, _ = run_blocks(built, warm)
+        per_call = t_warm / 1e9 / calls_in(warm)
+        want = max(cfg.min_calls, int(cfg.budget_s / per_call))
+        timed = timed[: -(-want // BLOCK)]
         gc.collect()
-        elapsed, per_block = run_blocks(built, timed)
-        n = sum(map(len, timed))
+        elapsed, per_chunk = run_blocks(built, timed)
+        n = calls_in(timed)
         lats, ok = time_calls(built, lat)
         arr = np.asarray(lats, dtype=np.float64) - overhead
         tracked = built.tracked() if built.tracked else -1
         return Sample(
+            calls=n,
             rate=n / (elapsed / 1e9),
-            block_rate=block_median_rate(timed, per_block),
+            chunk_rate=chunk_median_rate(timed, per_chunk),
             p50=float(np.percentile(arr, 50)),
             p99=float(np.percentile(arr, 99)),
             admitted=ok / len(lats),
-            insert_rate=n_ins / (t_ins / 1e9),
+            insert_rate=calls_in(insert) / (t_ins / 1e9),
             tracked=tracked,
         )
     finally:
@@ -361,11 +386,12 @@ def throughput(
             order = cs[r % len(cs) :] + cs[: r % len(cs)]  # rotate: spread drift over contenders
             for c in order:
                 t0 = time.perf_counter()
-                s = run_one(c, insert, warm, timed, lat, overhead)
+                s = run_one(cfg, c, insert, warm, timed, lat, overhead)
                 by_name[c.name].samples.append(s)
                 log(
                     f"  n={n:>9,} round {r + 1}/{cfg.rounds} {c.name:<45} "
-                    f"{s.rate / 1e6:6.3f} M/s (block median {s.block_rate / 1e6:6.3f})  "
+                    f"{s.rate / 1e6:6.3f} M/s (chunk median {s.chunk_rate / 1e6:6.3f}, "
+                    f"{s.calls:,} calls)  "
                     f"p50 {s.p50:7.0f} ns  p99 {s.p99:7.0f} ns  "
                     f"admitted {s.admitted:6.1%}  ({time.perf_counter() - t0:.1f} s)"
                 )
@@ -556,7 +582,7 @@ def breakdown(cfg: Config, log: Callable[[str], None]) -> Breakdown:
         for k in order[r % len(order) :] + order[: r % len(order)]:
             b = Built(variants[k][1], "req")
             run_blocks(b, timed[: max(1, len(timed) // 10)])  # warm-up
-            times[k].append(1e9 / block_median_rate(timed, run_blocks(b, timed)[1]))
+            times[k].append(1e9 / chunk_median_rate(timed, run_blocks(b, timed)[1]))
     out = [
         Step(name, float(statistics.median(t)), vs)
         for (name, _, vs), t in zip(variants, times, strict=True)
@@ -606,6 +632,10 @@ def loadavg() -> str:
         return "unknown"
 
 
+def fmt_count(x: float) -> str:
+    return f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k"
+
+
 def fmt_rate(x: float) -> str:
     return f"{x / 1e6:.2f} M/s" if x >= 1e6 else f"{x / 1e3:.0f} k/s"
 
@@ -621,7 +651,7 @@ def report(
     seconds: float,
 ) -> str:
     per_size = "; ".join(
-        f"{n:,} clients: {cfg.warmup[n]:,} warm-up, {cfg.calls[n]:,} timed, "
+        f"{n:,} clients: {cfg.warmup[n]:,} warm-up, up to {cfg.calls[n]:,} timed, "
         f"{cfg.latency_calls[n]:,} latency calls"
         for n in cfg.sizes
     )
@@ -634,27 +664,29 @@ def report(
         f"clocksource {facts['clocksource']}, perf_counter_ns pair overhead {overhead:.0f} ns; "
         f"load average {facts['loadavg_start']} at start, {facts['loadavg_end']} at end.",
         "",
-        f"Median of {cfg.rounds} interleaved round(s) ({per_size}). *decisions/s*: timed calls ÷ "
-        "time of the whole loop; *vs floor*: floor decisions/s ÷ contender decisions/s, same run "
-        "(target for `allow_request`: ≤ 4×); *block median*: the same from the median "
-        f"{BLOCK:,}-call block of the timed loop (robust to preemption by other processes); "
-        "*p50*/*p99*: individually timed calls, timer overhead subtracted; *admitted*: share "
-        "of the latency calls admitted; *first seen*: decisions/s while each client is "
-        "inserted once.",
+        f"Median of {cfg.rounds} interleaved round(s) ({per_size}; *timed*: the timed calls, "
+        f"fewer for contenders too slow to do them all in {cfg.budget_s:g} s, at least "
+        f"{cfg.min_calls:,}). *decisions/s*: timed calls ÷ time of the whole loop; *vs floor*: "
+        "floor decisions/s ÷ contender decisions/s, same run (target for `allow_request`: "
+        f"≤ 4×); *chunk median*: the same from the median {CHUNK}-call chunk of the timed loop "
+        "(robust to preemption by other processes); *p50*/*p99*: individually timed calls, "
+        "timer overhead subtracted; *admitted*: share of the latency calls admitted; "
+        "*first seen*: decisions/s while each client is inserted once.",
         "",
-        "| contender | policy | clients | decisions/s | vs floor | block median | vs floor "
-        "| p50 ns | p99 ns | admitted | first seen |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| contender | policy | clients | timed | decisions/s | vs floor | chunk median "
+        "| vs floor | p50 ns | p99 ns | admitted | first seen |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for n in cfg.sizes:
         at_n = [r for r in rows if r.clients == n]
         floor_row = next(r for r in at_n if r.contender.startswith("floor"))
-        floor, floor_b = floor_row.median("rate"), floor_row.median("block_rate")
+        floor, floor_c = floor_row.median("rate"), floor_row.median("chunk_rate")
         for r in at_n:
-            rate, rate_b = r.median("rate"), r.median("block_rate")
+            rate, rate_c = r.median("rate"), r.median("chunk_rate")
             lines.append(
-                f"| {r.contender} | {r.policy} | {n:,} | {fmt_rate(rate)} | "
-                f"{floor / rate:.2f}× | {fmt_rate(rate_b)} | {floor_b / rate_b:.2f}× | "
+                f"| {r.contender} | {r.policy} | {n:,} | {fmt_count(r.median('calls'))} | "
+                f"{fmt_rate(rate)} | "
+                f"{floor / rate:.2f}× | {fmt_rate(rate_c)} | {floor_c / rate_c:.2f}× | "
                 f"{r.median('p50'):.0f} | {r.median('p99'):.0f} | "
                 f"{r.median('admitted'):.0%} | {fmt_rate(r.median('insert_rate'))} |"
             )
@@ -678,7 +710,7 @@ def report(
         lines += [
             "",
             f"Where the time goes in `allow_request` ({cuts.what}): the same loop over cumulative "
-            f"cuts of its code; ns per call of the median {BLOCK:,}-call block (loop overhead "
+            f"cuts of its code; ns per call of the median {CHUNK}-call chunk (loop overhead "
             "included), median of the rounds; *step* = this line − the line it adds to.",
             "",
             "| variant | ns/call | step |",
@@ -722,6 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rounds=1,
             memory_clients=50_000,
             breakdown_calls=200_000,
+            min_calls=100_000,
         )
     else:
         cfg = Config(

@@ -18,6 +18,7 @@ from .ratelimiter import (
     RateLimiter,
 )
 from .request import Request
+from .strict import StrictLimiter
 
 __all__ = [
     "ALGORITHMS",
@@ -33,6 +34,7 @@ __all__ = [
     "RateLimiter",
     "Reason",
     "Request",
+    "StrictLimiter",
     "parse_rate",
     "parse_rates",
 ]

@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import (
-    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
@@ -65,11 +65,17 @@ class ConfluentTransport:
         receiver = ConfluentReceiver(consumer)
         if group is None:
             parts = list(range(self.partitions(topic))) if partitions is None else list(partitions)
-            consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in parts])
+            consumer.assign([TopicPartition(topic, p, _end(consumer, topic, p)) for p in parts])
             receiver.assigned = parts
         else:
 
             def assigned(c: Any, tps: list[Any]) -> None:
+                # A partition without a committed offset starts at its end as of now: resolve it
+                # here rather than let the client do it later and skip what arrives meanwhile.
+                committed = c.committed(tps, timeout=10)
+                for tp, done in zip(tps, committed, strict=True):
+                    tp.offset = done.offset if done.offset >= 0 else _end(c, topic, tp.partition)
+                c.assign(tps)
                 receiver.assigned = sorted({*receiver.assigned, *(tp.partition for tp in tps)})
                 if on_assign is not None:
                     on_assign([tp.partition for tp in tps])
@@ -84,12 +90,19 @@ class ConfluentTransport:
         return receiver
 
     def partitions(self, topic: str) -> int:
+        """Partition count from the broker; never creates the topic."""
         admin = AdminClient(self.config)
-        meta = admin.list_topics(topic, timeout=10)
-        t = meta.topics.get(topic)
-        if t is None or t.error is not None or not t.partitions:
-            raise RuntimeError(f"topic {topic!r} is not available: {t.error if t else 'missing'}")
-        return len(t.partitions)
+        future = admin.describe_topics(TopicCollection([topic]), request_timeout=10)[topic]
+        try:
+            return len(future.result(timeout=15).partitions)
+        except KafkaException as e:
+            raise RuntimeError(f"topic {topic!r} is not available: {e}") from e
+
+
+def _end(consumer: Any, topic: str, partition: int) -> int:
+    """The partition's end offset (high watermark) now."""
+    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+    return int(high)
 
 
 class ConfluentSender:
@@ -117,7 +130,10 @@ class ConfluentSender:
         return int(self._producer.flush(timeout))
 
     def close(self) -> None:
+        """Drop what is still queued (flush first to keep it) and stop the client."""
+        self._producer.purge()
         self._producer.flush(0)
+        del self._producer
 
     @property
     def errors(self) -> int:

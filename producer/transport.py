@@ -93,7 +93,11 @@ class _Topic:
 
 
 class InProcessBus:
-    """Topics as lists in memory; one group member gets every partition. Never for production."""
+    """Topics as lists in memory; one group member gets every partition. Never for production.
+
+    Differences from Kafka: every group member gets every partition (no balancing, no
+    ``on_revoke``).
+    """
 
     def __init__(self, topics: dict[str, int] | None = None) -> None:
         self._topics: dict[str, _Topic] = {}
@@ -107,7 +111,7 @@ class InProcessBus:
         try:
             return self._topics[name]
         except KeyError:
-            raise ValueError(f"unknown topic {name!r}") from None
+            raise RuntimeError(f"topic {name!r} is not available: unknown topic") from None
 
     def partitions(self, topic: str) -> int:
         return len(self._topic(topic).partitions)
@@ -126,9 +130,8 @@ class InProcessBus:
     ) -> _BusReceiver:
         t = self._topic(topic)
         parts = list(range(len(t.partitions))) if partitions is None else list(partitions)
-        # a group member starts at the committed position (here: the start); a fixed
-        # assignment reads from the end
-        start = {p: 0 if group is not None else len(t.partitions[p]) for p in parts}
+        # like a new Kafka group with auto.offset.reset=latest, or a fixed assignment: the end
+        start = {p: len(t.partitions[p]) for p in parts}
         if on_assign is not None:
             on_assign(parts)
         return _BusReceiver(t, start)

@@ -187,3 +187,26 @@ def redis_client(redis_url: str, redis_prefix: str) -> Iterator[redis.Redis]:
                 client.delete(*keys)
         finally:
             client.close()
+
+
+# -- measured figures: tests report what they measured; the summary prints them --------------
+
+_MEASURED: list[tuple[str, str]] = []
+
+
+@pytest.fixture
+def measured(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``measured("worst window 400 (+0.0% vs L)")``: printed in the session summary."""
+
+    def record(line: str) -> None:
+        _MEASURED.append((request.node.nodeid, line))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _MEASURED:
+        return
+    terminalreporter.section("measured")
+    for nodeid, line in _MEASURED:
+        terminalreporter.write_line(f"{nodeid}: {line}")

@@ -62,9 +62,7 @@ def reference_grants(weights: list[float], needs: list[float], budget: float) ->
     return grants
 
 
-def check_group(
-    grants: list[int], weights: list[float], needs: list[float], budget: float
-) -> None:
+def check_group(grants: list[int], weights: list[float], needs: list[float], budget: float) -> None:
     shares = reference_shares(weights, needs, budget)
     need = [math.floor(max(n, 0.0)) for n in needs]
     total = min(math.floor(max(budget, 0.0)), sum(need))
@@ -192,7 +190,9 @@ pairs = st.lists(st.tuples(weights, needs), min_size=0, max_size=9)
 
 @FAST
 @given(st.lists(st.tuples(pairs, budgets), min_size=1, max_size=8))
-def test_many_groups_match_the_reference(spec: list[tuple[list[tuple[float, float]], float]]) -> None:
+def test_many_groups_match_the_reference(
+    spec: list[tuple[list[tuple[float, float]], float]],
+) -> None:
     groups = [p for p, _ in spec]
     got = run(groups, [b for _, b in spec])
     for grants, (ps, budget) in zip(got, spec, strict=True):

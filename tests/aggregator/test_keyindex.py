@@ -186,9 +186,7 @@ class KeyIndexMachine(RuleBasedStateMachine):
 
 
 TestKeyIndexMachine = KeyIndexMachine.TestCase
-TestKeyIndexMachine.settings = settings(
-    deadline=None, max_examples=40, stateful_step_count=25
-)
+TestKeyIndexMachine.settings = settings(deadline=None, max_examples=40, stateful_step_count=25)
 
 
 @pytest.mark.parametrize("n", [1, 511, 512, 513, 5000])

@@ -16,6 +16,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pytest
@@ -207,7 +208,7 @@ configs = st.tuples(
 )
 
 
-def run_ops(sim: Sim, program: list[tuple]) -> None:  # type: ignore[type-arg]
+def run_ops(sim: Sim, program: list[Any]) -> None:
     for op in program:
         if op[0] == "report":
             _, server, rows, dt = op
@@ -225,7 +226,9 @@ def run_ops(sim: Sim, program: list[tuple]) -> None:  # type: ignore[type-arg]
 
 @settings(deadline=None, max_examples=120)
 @given(configs, ops)
-def test_invariants_under_random_reports_and_ticks(config: tuple[int, float, int], program: list) -> None:  # type: ignore[type-arg]
+def test_invariants_under_random_reports_and_ticks(
+    config: tuple[int, float, int], program: list[Any]
+) -> None:
     limit, window, memory = config
     sim = Sim(limit, window, 0.1, memory)
     run_ops(sim, program)
@@ -233,7 +236,7 @@ def test_invariants_under_random_reports_and_ticks(config: tuple[int, float, int
 
 @settings(deadline=None, max_examples=60)
 @given(configs, ops)
-def test_grants_only_follow_demand(config: tuple[int, float, int], program: list) -> None:  # type: ignore[type-arg]
+def test_grants_only_follow_demand(config: tuple[int, float, int], program: list[Any]) -> None:
     """Every grant > 0 answers demand (admitted + extra + rejected > 0) reported in the last
     ``memory`` ticks. Records without demand are left out here: they are the xfailed
     ``test_a_record_without_demand_is_not_demand``."""
@@ -255,7 +258,7 @@ def test_grants_only_follow_demand(config: tuple[int, float, int], program: list
 @settings(deadline=None, max_examples=60)
 @given(configs, ops, ops)
 def test_compact_keeps_the_state_of_active_clients(
-    config: tuple[int, float, int], program: list, rest: list  # type: ignore[type-arg]
+    config: tuple[int, float, int], program: list[Any], rest: list[Any]
 ) -> None:
     """Compacting right after a tick (as the service does) changes no later grant."""
     limit, window, memory = config
@@ -451,9 +454,7 @@ def test_charge_ring_window_multiple_of_bucket(
 @given(
     st.sampled_from([(1.0, 0.1), (0.7, 0.1), (3.0, 0.1), (1.0, 1 / 3), (60.0, 60 / 64)]),
     st.lists(
-        st.tuples(
-            st.floats(0.0, 0.5), st.integers(0, 2), st.integers(1, 9).map(float)
-        ),
+        st.tuples(st.floats(0.0, 0.5), st.integers(0, 2), st.integers(1, 9).map(float)),
         min_size=1,
         max_size=60,
     ),

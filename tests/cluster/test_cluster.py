@@ -54,7 +54,7 @@ def cluster(
         c.close()
 
 
-def test_cluster_bound_and_utilisation(cluster: Cluster) -> None:
+def test_cluster_bound_and_utilisation(cluster: Cluster, measured: Callable[[str], None]) -> None:
     agg = cluster.start_aggregator(group=f"drl-test-{uuid.uuid4().hex[:8]}")
     cluster.wait_for_log("aggregator", "assigned")
     mult = multipliers(CLIENTS)
@@ -83,7 +83,7 @@ def test_cluster_bound_and_utilisation(cluster: Cluster) -> None:
         stamps.append(st)
         clients.append(cl)
         offered.append(off)
-        latencies.append((stats["latency_us_p50"], stats["latency_us_p99"]))
+        latencies.append((round(stats["latency_us_p50"], 1), round(stats["latency_us_p99"], 1)))
         assert stats["errors"] == 0, stats
     stamps_all = np.concatenate(stamps) - start_at
     clients_all = np.concatenate(clients)
@@ -99,18 +99,18 @@ def test_cluster_bound_and_utilisation(cluster: Cluster) -> None:
         ]
     )
     saturated = np.flatnonzero(mult >= 2.0)
-    print(
-        f"\ncluster: limit {LIMIT}/{WINDOW:g}s, {SERVERS} servers, {CLIENTS} clients, "
+    measured(
+        f"cluster: limit {LIMIT}/{WINDOW:g}s, {SERVERS} servers, {CLIENTS} clients, "
         f"{offered_all.sum()} requests offered, {clients_all.size} admitted"
     )
-    print(f"bound L + N*a = {LIMIT} + {SERVERS}*{a} = {b} ({b / LIMIT - 1:.1%} over L)")
-    print(f"worst window over all clients: {worst.max()} ({worst.max() / LIMIT - 1:+.1%} vs L)")
+    measured(f"bound L + N*a = {LIMIT} + {SERVERS}*{a} = {b} ({b / LIMIT - 1:.1%} over L)")
+    measured(f"worst window over all clients: {worst.max()} ({worst.max() / LIMIT - 1:+.1%} vs L)")
     for c in saturated:
-        print(
+        measured(
             f"  hot client-{c}: offered {mult[c]:.1f}x, worst window {worst[c]}, "
             f"admitted {per_window[c]:.1f}/window ({per_window[c] / LIMIT:.1%} of L)"
         )
-    print(f"decision latency p50/p99 per server (us): {latencies}")
+    measured(f"decision latency p50/p99 per server (us): {latencies}")
     assert b <= 1.02 * LIMIT
     assert worst.max() <= b, worst
     assert (per_window[saturated] >= 0.9 * LIMIT).all(), per_window[saturated]

@@ -115,13 +115,13 @@ def drive(
     return {c: np.array(v) for c, v in admitted.items()}
 
 
-def test_loop_bound_and_flow(loop: Callable[[int], Loop]) -> None:
+def test_loop_bound_and_flow(loop: Callable[[int], Loop], measured: Callable[[str], None]) -> None:
     lp = loop(3)
     time.sleep(0.5)
     admitted = drive(lp, {"hot": 4 * LIMIT / WINDOW, "mild": 0.5 * LIMIT / WINDOW}, 3 * WINDOW)
     worst = {c: worst_window(t, WINDOW) for c, t in admitted.items()}
     a = max(1, int(0.01 * LIMIT))
-    print(f"\nworst window {worst} (limit {LIMIT}, bound {LIMIT + 3 * a})")
+    measured(f"worst window {worst} (limit {LIMIT}, bound {LIMIT + 3 * a})")
     assert worst["hot"] <= LIMIT + 3 * a
     assert worst["hot"] >= 0.8 * LIMIT  # leases flow: the hot client gets its limit
     assert lp.aggregator.stats.grants > 0 and lp.aggregator.stats.errors == 0
@@ -129,7 +129,9 @@ def test_loop_bound_and_flow(loop: Callable[[int], Loop]) -> None:
     assert all(ag.stats.errors == 0 for ag in lp.agents), [ag.stats for ag in lp.agents]
 
 
-def test_traffic_shift_follows_within_three_ticks(loop: Callable[[int], Loop]) -> None:
+def test_traffic_shift_follows_within_three_ticks(
+    loop: Callable[[int], Loop], measured: Callable[[str], None]
+) -> None:
     lp = loop(2)
     time.sleep(0.5)
     drive(lp, {"mover": 0.5 * LIMIT / WINDOW}, 1.5, servers=[0])
@@ -148,8 +150,8 @@ def test_traffic_shift_follows_within_three_ticks(loop: Callable[[int], Loop]) -
         time.sleep(0.01)
     assert elapsed is not None, "server 1 never got a lease"
     ticks = elapsed / TICK
-    print(
-        f"\nlease followed the traffic after {elapsed * 1000:.0f} ms = {ticks:.1f} ticks "
+    measured(
+        f"lease followed the traffic after {elapsed * 1000:.0f} ms = {ticks:.1f} ticks "
         f"(report interval {lp.agents[1].report_interval * 1000:.0f} ms included)"
     )
     # one report interval to tell the aggregator, then at most three ticks

@@ -41,16 +41,6 @@ LONG_LINGER: dict[str, dict[str, Any]] = {
 }
 
 
-CONFLUENT_LATE_END_OFFSET = (
-    "kafka_confluent: a receiver reading 'from the end' (assign at OFFSET_END, or a new group with"
-    " auto.offset.reset=latest) resolves that end offset asynchronously, ~0.5 s after receiver()"
-    " returns or on_assign runs: messages produced meanwhile are skipped"
-)
-CONFLUENT_AUTO_CREATES = (
-    "kafka_confluent: partitions() asks for the topic's metadata with auto-creation allowed, so"
-    " on a broker with auto.create.topics.enable=true it creates the missing topic (1 partition)"
-    " and sometimes returns 1"
-)
 NO_LZ4 = (
     "kafka_confluent compresses with lz4 by default; kafka-python decodes lz4 only with the"
     " 'lz4' package (not installed): its receiver raises UnsupportedCodecError"
@@ -226,10 +216,8 @@ def test_partitions_reports_the_created_count(env: Env) -> None:
 def test_partitions_of_a_missing_topic_raises_and_creates_nothing(
     env: Env, request: pytest.FixtureRequest
 ) -> None:
-    if env.kind == "confluent":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CONFLUENT_AUTO_CREATES))
     missing = f"missing-{uuid.uuid4().hex}"
-    expected = ValueError if env.kind == "inprocess" else RuntimeError
+    expected = RuntimeError
     try:
         with pytest.raises(expected, match=missing):
             env.transport.partitions(missing)
@@ -243,8 +231,6 @@ def test_partitions_of_a_missing_topic_raises_and_creates_nothing(
 def test_fixed_receiver_reads_its_partition_from_its_creation(
     env: Env, request: pytest.FixtureRequest
 ) -> None:
-    if env.kind == "confluent":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CONFLUENT_LATE_END_OFFSET))
     topic = env.new_topic(3)
     sender = env.sender()  # connected before the receiver exists, so it sends at once below
     sender.send(topic, 1, b"before the receiver")
@@ -293,8 +279,6 @@ def test_fixed_receiver_reads_messages_sent_a_second_after_its_creation(env: Env
 def test_group_receiver_is_assigned_every_partition_and_reads_later_messages(
     env: Env, request: pytest.FixtureRequest
 ) -> None:
-    if env.kind == "confluent":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CONFLUENT_LATE_END_OFFSET))
     topic = env.new_topic(3)
     sender = env.sender()  # connected before the group is joined, so it sends at once below
     sender.send(topic, 0, b"before the group")
@@ -320,9 +304,6 @@ def test_group_receiver_is_assigned_every_partition_and_reads_later_messages(
     assert sender.flush(10) == 0
 
     got = collect(receiver, len(sent))
-    if env.kind == "inprocess":  # a new group of the bus reads from the start, Kafka's from the end
-        assert got[0].value == b"before the group"
-        got = got[1:]
     assert sorted((r.partition, r.value) for r in got) == sorted(sent)
     for p in (0, 1, 2):  # in order within each partition
         assert [r.value for r in got if r.partition == p] == [v for q, v in sent if q == p]
