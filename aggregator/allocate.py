@@ -27,6 +27,12 @@ def water_fill(
     g_count = budget.size
     need = np.maximum(np.floor(need), 0.0)
     budget = np.maximum(np.floor(budget), 0.0)
+    # Weights count only relative to their own group: scale each group's to at most 1 so that
+    # the running sums below carry no rounding from other groups. Needs and budgets are whole
+    # numbers, exact in float64 sums below 2**53.
+    w_max = np.zeros(g_count)
+    np.maximum.at(w_max, group, weight)
+    weight = weight / w_max[group]
     ratio = need / weight
     # sort pairs by group, then by need/weight: within a group the capped pairs form a prefix
     order = np.lexsort((ratio, group))
@@ -55,7 +61,7 @@ def water_fill(
     lam = np.where(n_capped < group_size, level[boundary], 0.0)
     pos = np.arange(n) - first
     is_capped = pos < n_capped[g]
-    share = np.where(is_capped, nd, np.minimum(nd, lam[g] * w))
+    share = np.clip(np.where(is_capped, nd, lam[g] * w), 0.0, nd)
     whole = np.floor(share)
     # largest remainders get the tokens rounding left over
     granted = np.bincount(g, weights=whole, minlength=g_count)
@@ -64,7 +70,7 @@ def water_fill(
     by_frac = np.lexsort((-frac, g))
     rank = np.empty(n, dtype=np.int64)
     rank[by_frac] = np.arange(n) - first
-    bonus = (rank < left[g]) & (frac >= 0.0)
+    bonus = (rank < left[g]) & (frac >= 0.0)  # left <= 0 (rounding) gives no bonus
     whole += bonus
     out = np.empty(n, dtype=np.int64)
     out[order] = whole.astype(np.int64)

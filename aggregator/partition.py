@@ -105,12 +105,24 @@ class PartitionState:
         extra = records["extra"].astype(np.float64)
         self.ring.charge(clients, admitted + extra, now if admitted_by is None else admitted_by)
         pairs = self._pair_slots(clients, server)
+        # one row per pair: a key may come in several records (split counts, merged retries)
+        pairs, inverse = np.unique(pairs, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        size = pairs.size
+
+        def per_pair(values: np.ndarray) -> np.ndarray:
+            return np.bincount(inverse, weights=values, minlength=size)
+
+        returned = per_pair(admitted + records["released"])
+        demand = per_pair(admitted + extra + records["rejected"])
         # reported tokens leave the outstanding count (never below zero: a lost grant or a
         # previous owner's lease must not make room that is not there)
-        back = np.minimum(self.outstanding[pairs], admitted + records["released"])
-        np.subtract.at(self.outstanding, pairs, back)
-        np.subtract.at(self.held, clients, back)
-        self._demand.append((pairs, admitted + extra + records["rejected"]))
+        back = np.minimum(self.outstanding[pairs], returned)
+        self.outstanding[pairs] -= back
+        np.subtract.at(self.held, self.pair_client[pairs], back)
+        wanted = demand > 0  # a report of released tokens only is no demand
+        if wanted.any():
+            self._demand.append((pairs[wanted], demand[wanted]))
         self.last_active[clients] = now
 
     def tick(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,7 +154,7 @@ class PartitionState:
         ) / len(self._history)
         clients, group = np.unique(self.pair_client[pairs], return_inverse=True)
         group = group.reshape(-1)
-        budget = np.maximum(0.0, self.limit - self.ring.used(clients) - self.held[clients])
+        budget = np.maximum(0.0, self.limit - self.ring.used(clients, now) - self.held[clients])
         need = np.maximum(
             0.0, np.ceil(NEED_TICKS * per_tick) + NEED_FLOOR - self.outstanding[pairs]
         )
@@ -192,8 +204,13 @@ class PartitionState:
         self.pairs.lookup_or_insert(
             (self.pair_client[:k] * MAX_SERVERS + self.pair_server[:k] + 1).astype(np.uint64)
         )
-        history = [(pair_map[p], a) for p, a in self._history]
+
+        def remap(p: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            kept = pair_map[p] >= 0
+            return pair_map[p][kept], a[kept]
+
+        history = [remap(p, a) for p, a in self._history]
         self._history.clear()
         self._history.extend(history)
-        self._demand = [(pair_map[p], a) for p, a in self._demand]
+        self._demand = [remap(p, a) for p, a in self._demand]
         return len(self.clients)

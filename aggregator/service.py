@@ -6,8 +6,10 @@ anything but an upper bound. For each server the aggregator keeps
 server's clock offset minus the fastest delivery seen, so ``end - offset`` is never earlier than
 when the interval really ended. A batch's admissions are charged at
 ``min(now, end - offset)``: tighter than the receive time by the delivery delay's jitter, and
-never earlier than any admission it reports. :meth:`Aggregator.server_offsets` exposes the
-estimates (a server whose clock is 5 s fast shows +5 s).
+never earlier than any admission it reports. A sample more than ``OFFSET_STEP`` below the
+estimate (the server's clock stepped back, or that batch was late) restarts the estimate from
+it; a step back smaller than that can make a charge up to ``OFFSET_STEP`` early.
+:meth:`Aggregator.server_offsets` exposes the estimates (a server whose clock is 5 s fast shows +5 s).
 Usage batches are applied at most once per (server, incarnation, partition): a batch whose
 sequence number is not above the last one applied is a duplicate or out of order and is skipped
 (counted). A malformed message is counted, logged and skipped.
@@ -85,8 +87,10 @@ class AggregatorConfig:
 
     @property
     def bucket(self) -> float:
-        """Width of a window bucket: half a tick, or window/128 for long windows."""
-        return max(self.tick / 2, self.policy.window / 128)
+        """Width of a window bucket: about half a tick, or window/128 for long windows, so that
+        the window is a whole number of buckets."""
+        raw = max(self.tick / 2, self.policy.window / 128)
+        return self.policy.window / math.ceil(self.policy.window / raw)
 
 
 @dataclass
@@ -107,6 +111,9 @@ class AggregatorStats:
 
 #: Seconds one window of the server clock-offset estimate lasts (the estimate spans two).
 OFFSET_WINDOW = 30.0
+#: A sample this many seconds below the estimate means the server's clock stepped back (or a
+#: batch was that late): the estimate restarts from it.
+OFFSET_STEP = 0.1
 
 
 class _Server:
@@ -124,7 +131,9 @@ class _Server:
     def observe_offset(self, sample: float, now: float) -> float:
         """Fold in ``end - received``; return the estimate (max over about a minute)."""
         current, previous, since = self.offset
-        if now - since > OFFSET_WINDOW:
+        if sample < max(current, previous) - OFFSET_STEP:
+            current, previous, since = -math.inf, -math.inf, now  # the clock stepped back
+        elif now - since > OFFSET_WINDOW:
             current, previous, since = -math.inf, current, now
         current = max(current, sample)
         self.offset = (current, previous, since)

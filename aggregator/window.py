@@ -5,7 +5,7 @@ clock, so that a charge placed at a future time (a lease's last usable moment) c
 moment it is made until a whole window after that time. A client's use is the sum of its row.
 
 Buckets are ``bucket`` seconds wide. A bucket counts while any part of it is inside
-``(now - window, now + horizon]``: a charge counts for up to one bucket longer than its exact
+``(now - window, now + horizon]``: a charge counts for at most one bucket longer than its exact
 window, never shorter (conservative by at most ``bucket / window`` of the limit).
 """
 
@@ -17,12 +17,13 @@ import numpy as np
 
 
 class ChargeRing:
-    __slots__ = ("ahead", "back", "bucket", "charges", "current", "k")
+    __slots__ = ("ahead", "back", "bucket", "charges", "current", "k", "window")
 
     def __init__(self, window: float, horizon: float, bucket: float, rows: int = 1024) -> None:
         if not (window > 0 and horizon >= 0 and bucket > 0):
             raise ValueError("window and bucket must be > 0 seconds, horizon >= 0")
         self.bucket = bucket
+        self.window = window
         self.back = math.ceil(window / bucket)
         self.ahead = math.ceil(horizon / bucket) + 1
         self.k = self.back + 1 + self.ahead
@@ -70,7 +71,10 @@ class ChargeRing:
         if col is not None and rows.size:
             np.add.at(self.charges[:, col], rows, amounts)
 
-    def used(self, rows: np.ndarray) -> np.ndarray:
-        """Charges inside the window for each row."""
-        used: np.ndarray = self.charges[rows].sum(axis=1)
+    def used(self, rows: np.ndarray, now: float) -> np.ndarray:
+        """Charges of each row in the buckets that reach into ``(now - window, ...]``."""
+        assert self.current is not None, "advance() first"
+        first = max(self.current - self.back, math.floor((now - self.window) / self.bucket))
+        cols = np.arange(first, self.current + self.ahead + 1) % self.k
+        used: np.ndarray = self.charges[rows][:, cols].sum(axis=1)
         return used

@@ -198,16 +198,23 @@ class RateLimiter:
         lock = shard.lock
         lock.acquire()
         try:
-            i = (h >> shard.shift) & shard.mask
-            if shard.kv[i] != h:  # not in its home slot: probe (or insert)
-                i = shard.slot(h, now)
-                if i < 0:
-                    return False
-                if self._keyed:
-                    self._set_key(shard, i, client_id)
+            kv = shard.kv
+            mask = shard.mask
+            i = (h >> shard.shift) & mask
+            k = kv[i]
+            while k != h:  # linear probe; an empty slot means a new client
+                if not k:
+                    i = shard.slot(h, now)
+                    if i < 0:
+                        return False
+                    if self._keyed:
+                        self._set_key(shard, i, client_id)
+                    break
+                i = (i + 1) & mask
+                k = kv[i]
             consume = self._consume1
             if consume is not None:
-                ok = consume(shard.views[0], i * self._w0, now, 1)
+                ok = consume(shard.v0, i * self._w0, now, 1)
             else:
                 ok = self._consume_all(shard, i, now, 1)
         finally:
@@ -413,6 +420,9 @@ class RateLimiter:
     def _consume_all(self, shard: Shard, i: int, now: float, cost: int) -> bool:
         """All policies or none: check every one, then take from every one."""
         views = shard.views
+        if len(self._algos) == 1:  # consume() decides and counts (approximate-mode usage)
+            algo = self._algos[0]
+            return algo.consume(views[0], i * algo.width, now, cost)
         for algo, s in zip(self._algos, views, strict=True):
             if not algo.allows(s, i * algo.width, now, cost):
                 return False

@@ -39,6 +39,7 @@ from .request import Request
 
 if TYPE_CHECKING:
     import redis
+    import redis.cluster
 
 #: The algorithms strict mode runs in Redis. ``sliding_window`` here is the exact sliding log
 #: (a sorted set of admission times), not the local two-counter approximation of that name.
@@ -201,7 +202,7 @@ class StrictLimiter:
 
     def __init__(
         self,
-        redis_url_or_client: str | redis.Redis,
+        redis_url_or_client: str | redis.Redis | redis.cluster.RedisCluster,
         policies: str | Policy | Sequence[Policy],
         *,
         algorithm: str = "gcra",
@@ -255,7 +256,7 @@ class StrictLimiter:
         self._tightest = min(self.policies, key=lambda p: p.limit)
         self._script = lua_source(algorithm)
         self._sha = hashlib.sha1(self._script.encode()).hexdigest()
-        self._nonce_base = os.urandom(6).hex()
+        self._nonce_base = os.urandom(8).hex()
         self._seq = itertools.count()
 
         import redis as redis_lib
@@ -266,7 +267,7 @@ class StrictLimiter:
         self._noscript: type[BaseException] = redis_lib.exceptions.NoScriptError
         if isinstance(redis_url_or_client, str):
             seconds = timeout / 1000.0
-            self._redis: redis.Redis = redis_lib.Redis.from_url(
+            self._redis: redis.Redis | redis.cluster.RedisCluster = redis_lib.Redis.from_url(
                 redis_url_or_client,
                 socket_timeout=seconds,
                 socket_connect_timeout=seconds,
@@ -409,7 +410,7 @@ class StrictLimiter:
             breaker.failure()
             with self._stats_lock:
                 self.redis_errors += 1
-                self.last_error = repr(exc)
+                self.last_error = f"{type(exc).__name__}: {exc}"
             return self._without_redis(client_id, cost, consume), None
         except BaseException:
             breaker.failure()  # never leave a half-open probe in flight
@@ -439,7 +440,9 @@ class StrictLimiter:
         return cast("list[int]", reply)
 
     def _nonce(self) -> str:
-        return f"{self._nonce_base}{next(self._seq):x}"
+        """Unique per call across processes: 64 random bits per limiter, the pid (a forked
+        child shares the parent's bits and counter) and a counter."""
+        return f"{self._nonce_base}.{os.getpid():x}.{next(self._seq):x}"
 
     def _describe(self, reply: list[int]) -> Decision:
         """The Decision of a script reply: the policy with the fewest tokens left speaks."""

@@ -54,6 +54,7 @@ class Shard:
         "mask",
         "max_count",
         "shift",
+        "v0",
         "views",
         "widths",
     )
@@ -81,6 +82,7 @@ class Shard:
         self.kv: memoryview[int] = self.keys.data
         self.arrays = [np.tile(np.asarray(f, dtype=np.float64), slots) for f in self.fresh]
         self.views = [cast("Cells", a.data) for a in self.arrays]
+        self.v0 = self.views[0]  # the first group's cells, read on the request path
         #: The same cells as int64 bits (for keys stored in a float64 group).
         self.ints: list[memoryview[int]] = [a.view(np.int64).data for a in self.arrays]
         self.mask = slots - 1

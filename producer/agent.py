@@ -15,9 +15,8 @@ locks for the few microseconds of a drain:
 
 Clock conversion: for each aggregator epoch the agent keeps ``offset = min(received - issued)``
 over the last minute (the aggregator's clock plus the fastest delivery seen). A lease issued at
-``issued`` with ``ttl`` ends at ``issued + offset + ttl`` on the limiter's clock: never later, in
-real time, than ``ttl`` plus the fastest delivery after it was issued, which the aggregator's
-``slack`` covers.
+``issued`` with ``ttl`` ends at ``issued + offset + ttl`` on the limiter's clock. (The bound does
+not depend on it: unspent tokens stay counted by the aggregator until reported released.)
 
 Every failure in these threads is counted in :attr:`Agent.stats` and never raised to callers.
 """
@@ -184,9 +183,12 @@ class Agent:
         self._pending.clear()
         for p in range(self._usage_partitions):
             chunk = by_partition.get(p)
-            if chunk is None and now - self._last_sent[p] < self.heartbeat_interval:
+            if chunk is None:
+                if now - self._last_sent[p] >= self.heartbeat_interval:
+                    self._send(p, records[:0], now)
                 continue
-            self._send(p, chunk if chunk is not None else records[:0], now)
+            for start in range(0, chunk.size, wire.BATCH_RECORDS):
+                self._send(p, chunk[start : start + wire.BATCH_RECORDS], now)
         self._last_report = now
         self._leases_since_report = 0
         self._sender.service()
@@ -219,6 +221,9 @@ class Agent:
         """Hold unsent records for the next report, dropping the oldest past the bound."""
         if not records.size:
             return
+        held = self._pending.get(partition)
+        if held is not None:
+            records = np.concatenate((held, records))
         self._pending[partition] = records
         total = sum(r.size for r in self._pending.values())
         excess = total - self.max_pending_records

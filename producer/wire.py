@@ -29,8 +29,8 @@ Grant batch (type 2), aggregator -> one server::
 Usage counts, in tokens since the previous batch: ``admitted`` from the server's lease,
 ``extra`` admitted outside a lease (cold start, degraded share), ``rejected`` (refused or waiting;
 a client's demand is admitted + extra + rejected), ``released`` (left unspent in a lease that
-expired). Counts above 65,535 tokens per interval are split over several records with the same
-key; the aggregator sums them. Anything else malformed raises :class:`WireError` with a ``reason``.
+expired). Client key 0 is reserved. Counts above 65,535 tokens per interval are split over
+several records with the same key; the aggregator sums them. Anything else malformed raises :class:`WireError` with a ``reason``.
 """
 
 from __future__ import annotations
@@ -61,8 +61,11 @@ GRANT_RECORD = np.dtype([("key", "<u8"), ("tokens", "<u4")])
 COUNT_FIELDS = ("admitted", "extra", "rejected", "released")
 MAX_COUNT = 0xFFFF
 MAX_GRANT = 0xFFFFFFFF
-#: Most records one batch may carry (a 16 MiB usage batch).
+#: Most records one batch may carry (a 16 MiB usage batch); decoders refuse more.
 MAX_RECORDS = 1 << 20
+#: Most records the agent puts in one usage batch: 50,000 x 16 bytes stays under Kafka's
+#: default 1 MiB message size (``message.max.bytes``), before compression.
+BATCH_RECORDS = 50_000
 
 _PREFIX = struct.Struct("<3sBB")
 _USAGE_HEAD = struct.Struct("<QQddQI")
@@ -138,8 +141,16 @@ def usage_records(
     return np.concatenate(parts) if parts else np.empty(0, dtype=USAGE_RECORD)
 
 
+def _check_records(rec: np.ndarray) -> None:
+    if rec.size > MAX_RECORDS:
+        raise ValueError(f"{rec.size} records in one batch; the most is {MAX_RECORDS}")
+    if rec.size and not rec["key"].all():
+        raise ValueError("client key 0 is reserved (it marks an empty slot)")
+
+
 def encode_usage(batch: UsageBatch) -> bytes:
     rec = np.ascontiguousarray(batch.records, dtype=USAGE_RECORD)
+    _check_records(rec)
     return b"".join(
         (
             _PREFIX.pack(MAGIC, VERSION, USAGE_TYPE),
@@ -160,6 +171,7 @@ def encode_usage(batch: UsageBatch) -> bytes:
 
 def encode_grants(batch: GrantBatch) -> bytes:
     rec = np.ascontiguousarray(batch.records, dtype=GRANT_RECORD)
+    _check_records(rec)
     return b"".join(
         (
             _PREFIX.pack(MAGIC, VERSION, GRANT_TYPE),
@@ -211,7 +223,10 @@ class _Reader:
                 f"{count} {what} records need {count * dtype.itemsize} bytes, "
                 f"{len(self.data) - self.pos} remain",
             )
-        return np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype).copy()
+        rec = np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype).copy()
+        if count and not rec["key"].all():
+            raise WireError("bad_field", f"a {what} record has client key 0 (reserved)")
+        return rec
 
 
 def message_type(data: bytes) -> int:
