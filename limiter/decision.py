@@ -20,6 +20,9 @@ class Reason(enum.StrEnum):
     COST_EXCEEDS_LIMIT = "cost_exceeds_limit"
     #: ``max_clients`` reached and no idle client could be forgotten.
     CAPACITY = "capacity"
+    #: The store that decides (strict mode's Redis) did not answer and the policy fails closed:
+    #: an HTTP layer answers 503, not 429.
+    UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,10 +46,8 @@ if TYPE_CHECKING:
 STRICT_ALGORITHMS: Final = ("gcra", "sliding_window")
 #: What a decision does when Redis fails or does not answer in time.
 FAILURE_MODES: Final = ("fail_open_bounded", "fail_closed")
-#: The reason of a ``fail_closed`` refusal while Redis is unavailable. ``Reason`` has no
-#: ``unavailable`` member yet (adding one changes a test outside strict mode), so the refusal is
-#: reported as ``capacity``: the limiter, not the client, is out of means to admit.
-UNAVAILABLE: Final = Reason.CAPACITY
+#: The reason of a ``fail_closed`` refusal while Redis is unavailable.
+UNAVAILABLE: Final = Reason.UNAVAILABLE
 
 BREAKER_CLOSED: Final = "closed"
 BREAKER_OPEN: Final = "open"
@@ -307,7 +305,7 @@ class StrictLimiter:
         self.noscript_reloads = 0
         #: Decisions (and peeks) made without calling Redis because the breaker was open.
         self.short_circuits = 0
-        #: The last Redis failure, ``repr`` of the exception.
+        #: The last Redis failure: ``"<exception type>: <message>"``.
         self.last_error: str | None = None
 
     # -- the public API -------------------------------------------------------------------------

@@ -246,28 +246,18 @@ def test_equal_pairs_split_evenly(n: int) -> None:
 # -- numerical robustness ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: water_fill takes w_before/need_before from one cumulative sum over ALL groups, "
-    "so a group's water level carries the rounding error of every group sorted before it: "
-    "with a large weight in another group, grants exceed the budget or need",
-)
 def test_one_group_is_not_disturbed_by_a_huge_weight_in_another() -> None:
     ps = [(3.0, 77.0), (3.0, 92.0), (1.0, 67.0), (1.0, 94.0)]
     check_group(run([ps], [262.0])[0], [w for w, _ in ps], [n for _, n in ps], 262.0)  # alone: ok
     got = run([[(1.3e16, 0.0)], ps], [0.0, 262.0])
-    # after a group with a huge weight: today [77, 92, 67, 94], 330 tokens of a 262 budget
+    # after a group with a huge weight (weights were once summed across groups, which gave
+    # [77, 92, 67, 94]: 330 tokens of a 262 budget)
     check_group(got[1], [w for w, _ in ps], [n for _, n in ps], 262.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: same root cause (cumsum across groups): weights 12 orders of magnitude apart "
-    "leave a capped pair one token short, sum(grants) < min(budget, sum(need))",
-)
 def test_weights_far_apart_still_sum_to_the_budget() -> None:
     got = run(
         [[(1.01, 0.0)], [(48577.0, 0.0), (999999.0690212193, 0.0), (1e-06, 4160.0)]],
         [0.0, 4160.0],
     )
-    assert got[1] == [0, 0, 4160]  # today: [0, 0, 4159]
+    assert got[1] == [0, 0, 4160]  # cross-group rounding once gave [0, 0, 4159]

@@ -7,12 +7,14 @@ clock.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.service import Aggregator, AggregatorConfig
+from aggregator.service import OFFSET_STEP, Aggregator, AggregatorConfig
 from limiter import Policy
 from producer import wire
 from producer.transport import GRANTS_TOPIC, USAGE_TOPIC, InProcessBus, Record
@@ -83,12 +85,14 @@ K = 8  # a client key (partition 0 of 4)
 @settings(deadline=None, max_examples=60)
 @given(
     st.floats(-1000.0, 1000.0),
-    st.lists(st.floats(0.0, 0.5), min_size=1, max_size=20),
+    st.lists(st.floats(0.0, 0.09), min_size=1, max_size=20),
     st.floats(0.01, 0.3),
 )
 def test_server_offset_is_its_clock_skew_less_the_fastest_delivery(
     skew: float, delays: list[float], gap: float
 ) -> None:
+    """Delivery delays within OFFSET_STEP of each other: the estimate is the skew less the
+    fastest delivery seen."""
     h = Harness()
     for d in delays:
         end = h.clock.t + skew  # the interval ends now, on the server's clock
@@ -97,6 +101,41 @@ def test_server_offset_is_its_clock_skew_less_the_fastest_delivery(
         h.clock.t += gap
     got = h.agg.server_offsets()["s1"]
     assert got == pytest.approx(skew - min(delays), abs=1e-6)
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    st.floats(-1000.0, 1000.0),
+    # at most 21 x 1.3 s in all: within one OFFSET_WINDOW, nothing ages out of the estimate
+    st.lists(st.one_of(st.floats(0.0, 0.5), st.sampled_from([0.0, 0.02, 0.5, 1.0])), max_size=20),
+    st.floats(0.01, 0.3),
+)
+def test_server_offset_restarts_after_a_late_batch(
+    skew: float, delays: list[float], gap: float
+) -> None:
+    """Any delays: the estimate is the skew less the fastest delivery since the last batch that
+    came more than OFFSET_STEP later than the estimate allowed (it restarts from that one). So a
+    batch, charged at ``min(received, end - offset)``, is never charged before its interval
+    ended, nor more than OFFSET_STEP before it was received."""
+    h = Harness()
+    want = -np.inf
+    fastest = np.inf  # fastest delivery since the last restart
+    for d in [0.02, *delays]:
+        end = h.clock.t + skew
+        h.clock.t += d
+        assert h.report("s1", K, rejected=1, end=end)
+        sample = end - h.clock.t  # what the aggregator sees: skew - d, up to float rounding
+        if sample < want - OFFSET_STEP:
+            want, fastest = sample, d  # a late batch (or a clock step back): restart
+        else:
+            want, fastest = max(want, sample), min(fastest, d)
+        got = h.agg.server_offsets()["s1"]
+        assert got == want
+        assert got == pytest.approx(skew - fastest, abs=1e-6)
+        charged = min(h.clock.t, end - got)
+        assert charged >= end - skew - 1e-6  # the interval's end on the aggregator's clock
+        assert charged >= h.clock.t - OFFSET_STEP - 1e-6
+        h.clock.t += gap
 
 
 def test_a_fast_server_clock_is_charged_no_later_than_receipt() -> None:
@@ -115,42 +154,104 @@ def test_a_fast_server_clock_is_charged_no_later_than_receipt() -> None:
     assert h.tick()["s1"][1] == {K: 10}
 
 
+#: seconds between the ticks of :func:`freed_at`
+STEP = 0.01
+EPS = 1e-6
+
+
+def freed_at(h: Harness, until: float, delay: float = 0.02) -> float:
+    """Ask for tokens every STEP seconds (batches delivered ``delay`` s after their interval
+    ends) and tick; the first time s1 is granted any. s1 then holds them (its next lease)."""
+    while h.clock.t <= until:
+        h.clock.t += STEP
+        h.report("s1", K, rejected=10, end=h.clock.t - delay)
+        if h.tick()["s1"][1].get(K, 0) > 0:
+            return h.clock.t
+    raise AssertionError(f"nothing granted until {until}")
+
+
+def assert_charged_at(h: Harness, charged: float, end: float, window: float = 1.0) -> None:
+    """A charge at ``charged`` (never before the interval end): its budget is back after a
+    window, at most a bucket (and a STEP of freed_at) later."""
+    assert charged >= end
+    bucket = h.agg.config.bucket
+    freed = freed_at(h, charged + window + bucket + 2 * STEP)
+    assert charged + window - EPS < freed <= charged + window + bucket + STEP + EPS, freed - charged
+
+
 def test_a_delayed_batch_is_charged_at_its_interval_end_not_earlier() -> None:
+    """A batch late by less than OFFSET_STEP beyond the fastest delivery is charged at its
+    interval end (plus that fastest delivery); a batch later than that at its receipt (later,
+    so more conservative); and batches on time again bring back interval-end charging."""
     h = Harness(limit=10, window=1.0)
+    assert h.agg.config.bucket == 0.05
     # learn the delivery time: 0.02 s
     for _ in range(3):
         end = h.clock.t
         h.clock.t += 0.02
         h.report("s1", K, rejected=10, end=end)
+    assert h.agg.server_offsets()["s1"] == pytest.approx(-0.02)
     assert h.tick()["s1"][1] == {K: 10}
-    # the server spends it all; the report is stuck for 0.5 s
+
+    # the server spends it all; the report is 0.08 s later than the fastest delivery
     end = h.clock.t + 0.01
-    h.clock.t += 0.5
+    h.clock.t = end + 0.1
+    received = h.clock.t
     h.report("s1", K, admitted=10, rejected=10, end=end)
-    # the admissions happened no later than end (+ delivery): until end + W nothing is free
-    while h.clock.t < end + 0.02 + 1.0 - 0.1:
-        assert h.tick()["s1"][1].get(K, 0) == 0, h.clock.t
-        h.clock.t += 0.1
-    h.clock.t = end + 0.02 + 1.0 + 0.1
-    h.report("s1", K, rejected=10)
-    assert h.tick()["s1"][1][K] == 10
+    assert h.agg.server_offsets()["s1"] == pytest.approx(-0.02)  # kept
+    # charged at end + 0.02: free again before a window after its receipt
+    assert_charged_at(h, end + 0.02, end)
+    assert h.clock.t < received + 1.0
+
+    # it spends its next lease; the report is stuck for 0.5 s
+    end = h.clock.t
+    h.clock.t = end + 0.5
+    received = h.clock.t
+    h.report("s1", K, admitted=10, rejected=10, end=end)
+    assert h.agg.server_offsets()["s1"] == pytest.approx(-0.5)  # restarted from the late one
+    # charged at its receipt: nothing free until a window after that
+    assert_charged_at(h, received, end)
+    # the batches of freed_at came on time: the estimate is back
+    assert h.agg.server_offsets()["s1"] == pytest.approx(-0.02)
+
+    # so a batch 0.08 s late is charged at its interval end again
+    end = h.clock.t + 0.01
+    h.clock.t = end + 0.1
+    received = h.clock.t
+    h.report("s1", K, admitted=10, rejected=10, end=end)
+    assert_charged_at(h, end + 0.02, end)
+    assert h.clock.t < received + 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (design): the server clock offset is a max over a minute, kept across "
-    "incarnations and clock steps; when a server's clock steps back (NTP step, or its server_id "
-    "reused by a host with a slower clock) `end - offset` lies before the admissions, the charge "
-    "falls out of the window at once, and the aggregator grants the limit again",
-)
 def test_a_server_clock_stepping_back_does_not_free_the_budget() -> None:
+    """When a server's clock steps back (NTP step, or its server_id reused by a host with a
+    slower clock), the estimate restarts: the batch is charged at its receipt, not at
+    ``end - old offset`` (5 s before the admissions, out of the window at once)."""
     h = Harness(limit=10, window=1.0)
     h.report("s1", K, rejected=10)
     assert h.tick()["s1"][1] == {K: 10}
     h.clock.t += 0.1
+    received = h.clock.t
     # the server admitted its 10 tokens; its clock was then stepped back 5 s
     h.report("s1", K, admitted=10, rejected=10, end=h.clock.t - 5.0)
-    assert h.tick()["s1"][1] == {K: 0}  # today: 10 more tokens in the same window
+    assert h.tick()["s1"][1] == {K: 0}
+    assert h.agg.server_offsets()["s1"] == pytest.approx(-5.0)
+    # the charge holds the budget for a whole window after the receipt
+    freed = freed_at(h, received + 1.2, delay=5.0)
+    assert received + 1.0 - EPS < freed <= received + 1.0 + h.agg.config.bucket + STEP + EPS
+
+
+@pytest.mark.parametrize(
+    ("window", "tick"),
+    [(1.0, 0.1), (0.7, 0.1), (1.0, 0.3), (60.0, 0.1), (3600.0, 0.1), (0.25, 1.0), (2.5, 0.07)],
+)
+def test_the_window_is_a_whole_number_of_buckets(window: float, tick: float) -> None:
+    config = AggregatorConfig(Policy(10, window), tick=tick, server_timeout=100 * tick)
+    raw = max(tick / 2, window / 128)  # about half a tick, or window/128 for long windows
+    n = window / config.bucket
+    assert n == pytest.approx(round(n), abs=1e-9) and round(n) >= 1
+    assert min(raw, window) / 2 < config.bucket <= raw * (1 + 1e-12)
+    assert round(n) <= max(128, math.ceil(2 * window / tick))
 
 
 def test_duplicates_and_malformed_do_not_move_the_offset() -> None:

@@ -181,6 +181,7 @@ def test_reason_values() -> None:
         "future",
         "cost_exceeds_limit",
         "capacity",
+        "unavailable",
     }
     assert Reason("stale") is Reason.STALE
     assert f"{Reason.FUTURE}" == "future"

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.service import Aggregator, AggregatorConfig
-from limiter import Policy, RateLimiter, Request
+from limiter import AcquireTimeout, Policy, RateLimiter, Request
 from limiter.keys import client_key
 from limiter.lease import LeaseOptions
 from producer import wire
@@ -260,33 +260,38 @@ def test_long_windows_are_used_almost_fully(limit: int, window: float, n: int) -
     fleet.check_budget()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (limiter): RateLimiter.check()/acquire() decide through _consume_all, which asks "
-    "LeaseAlgorithm.allows() first and returns False without calling consume(): a refused "
-    "request is never counted as `rejected`, so the aggregator sees no demand once a lease is "
-    "empty, stops granting, and the client falls back to cold start (here 67%/84% of the limit)",
-)
 @pytest.mark.parametrize(("limit", "window", "n"), [(400, 2.0, 4), (100, 5.0, 2)])
 def test_long_windows_are_used_almost_fully_through_check(
     limit: int, window: float, n: int
 ) -> None:
+    """check() counts its refusals as demand (`rejected`) like allow_request(): the aggregator
+    keeps granting (once, without that demand, clients fell back to cold start: 67%/84%)."""
     fleet = Fleet(limit, window, n)
     assert saturate(fleet, 8 * window, api="check") >= 0.9 * limit
+    fleet.check_budget()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (limiter): a request refused by RateLimiter.check() is not counted in the "
-    "usage cells (`rejected`), unlike allow_request(): the usage batch carries no demand",
-)
 def test_a_refused_check_is_reported_as_demand() -> None:
     _, limiter, agent = one_server(100, 1.0)
+    # a new group reads from the end: the reader must exist before the batch is sent
     reader = agent._transport.receiver(USAGE_TOPIC, group="t")  # type: ignore[attr-defined]
     assert [limiter.check("alice").allowed for _ in range(3)] == [True, False, False]
     agent.report_once()
     rows = [r for rec in reader.poll(0) for r in wire.decode_usage(rec.value).records.tolist()]
-    assert rows == [(client_key("alice"), 0, 1, 2, 0)]  # today: rejected 0
+    # (key, admitted, extra, rejected, released): the cold-start token and the two refusals
+    assert rows == [(client_key("alice"), 0, 1, 2, 0)]
+
+
+def test_a_refused_acquire_is_reported_as_demand() -> None:
+    _, limiter, agent = one_server(100, 1.0)
+    reader = agent._transport.receiver(USAGE_TOPIC, group="t")  # type: ignore[attr-defined]
+    assert limiter.acquire("alice", timeout=0).allowed  # the cold-start token
+    for _ in range(2):
+        with pytest.raises(AcquireTimeout):
+            limiter.acquire("alice", timeout=0)
+    agent.report_once()
+    rows = [r for rec in reader.poll(0) for r in wire.decode_usage(rec.value).records.tolist()]
+    assert rows == [(client_key("alice"), 0, 1, 2, 0)]
 
 
 def test_a_refused_allow_request_is_reported_as_demand() -> None:
@@ -375,26 +380,29 @@ class Scripted:
 KEYS = [client_key(c) for c in ("alice", "bob", "carol")]
 
 
+def good_batch(server: str, rnd: int, partition: int) -> bytes | None:
+    """The usage ``server`` sends on ``partition`` in round ``rnd`` (its seq is ``rnd + 1``)."""
+    keys = [k for k in KEYS if k % 4 == partition]
+    if not keys:
+        return None
+    return usage(
+        server,
+        rnd + 1,
+        keys,
+        admitted=float(rnd % 2),
+        rejected=float(3 + rnd),
+        start=rnd * 0.1,
+    )
+
+
 def script(agg: Scripted, bad: dict[int, list[tuple[int, bytes]]]) -> None:
     """Six rounds of good usage from two servers; ``bad[round]`` adds (partition, bytes) after."""
-    seq = {"s1": 0, "s2": 0}
     for rnd in range(6):
         for server in ("s1", "s2"):
-            seq[server] += 1
             for p in range(4):
-                keys = [k for k in KEYS if k % 4 == p]
-                if keys:
-                    agg.send(
-                        p,
-                        usage(
-                            server,
-                            seq[server],
-                            keys,
-                            admitted=float(rnd % 2),
-                            rejected=float(3 + rnd),
-                            start=rnd * 0.1,
-                        ),
-                    )
+                value = good_batch(server, rnd, p)
+                if value is not None:
+                    agg.send(p, value)
         for p, value in bad.get(rnd, []):
             agg.send(p, value)
         agg.pump()
@@ -431,7 +439,9 @@ def _first_batch(seq: int = 1, server: str = "s1", **kw: object) -> tuple[int, b
 def test_duplicate_batch_is_counted_and_skipped() -> None:
     ref = reference_run()
     run = Scripted()
-    p, value = _first_batch(seq=2)  # round 1's batch from s1 (seq 2) delivered again
+    p = KEYS[0] % 4
+    value = good_batch("s1", 1, p)  # round 1's batch from s1, delivered again (same bytes)
+    assert value is not None
     script(run, {1: [(p, value)], 3: [(p, value)]})
     assert run.agg.stats.duplicates == 2
     assert run.agg.stats.malformed == 0
@@ -515,8 +525,10 @@ def test_any_bad_messages_leave_the_outcome_unchanged(
     plan: dict[int, list[tuple[int, bytes]]] = {}
     for rnd, partition, value in bad:
         if value == "dup":  # this round's batch from s1, again
-            p, data = _first_batch(seq=rnd + 1)
-            plan.setdefault(rnd, []).append((p, data))
+            p = KEYS[0] % 4
+            dup = good_batch("s1", rnd, p)
+            assert dup is not None
+            plan.setdefault(rnd, []).append((p, dup))
         elif value == "old":
             p, data = _first_batch(seq=max(1, rnd))
             plan.setdefault(rnd, []).append((p, data))
@@ -686,17 +698,15 @@ def test_cold_start_reject_gets_a_lease_once_its_demand_is_reported() -> None:
     assert ask(lim, fleet.clock, "allow_request")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (limiter): with cold_start='reject' (or 'wait') a client that only calls "
-    "check()/acquire() never gets a lease: its refusals are not counted as `rejected`, so it "
-    "is never in a usage batch and the aggregator never hears of it",
-)
 def test_cold_start_reject_gets_a_lease_through_check() -> None:
+    """With cold_start='reject' a client that only calls check() is heard of through its
+    refusals (`rejected`), and gets a lease."""
     fleet = Fleet(100, 1.0, 1, options=LeaseOptions(cold_start="reject"))
     fleet.run(2.0, lambda step: [0], api="check")
     assert fleet.agents[0].stats.grants_installed >= 1
     assert len(fleet.admitted) > 0
+    assert min(fleet.admitted) <= T0 + 0.3  # within a report and a tick or two
+    fleet.check_budget()
 
 
 def test_cold_start_then_lease_through_the_aggregator() -> None:
@@ -762,19 +772,59 @@ def test_degraded_before_any_grant_uses_expected_servers() -> None:
 # -- idle clients --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the expired lease's `released` report counts as a report with demand 0; the "
-    "aggregator re-grants NEED_FLOOR tokens (and the zero-token rows keep extending it) after "
-    "every expiry: an idle client is granted forever and never forgotten by either side",
-)
 def test_an_idle_client_stops_getting_grants() -> None:
+    """The expired lease's `released` report is no demand (once, it was re-granted NEED_FLOOR
+    tokens after every expiry, forever): an idle client stops being granted and is forgotten."""
     fleet = Fleet(100, 1.0, 1)
     fleet.run(0.2, lambda step: [0] if step == 0 else [])  # one request, then silence
+    assert fleet.agg.stats.tokens_granted > 0  # it got a lease
     fleet.run(5.0, lambda step: [])
     granted = fleet.agg.stats.tokens_granted
+    grants = fleet.agg.stats.grants
     fleet.run(5.0, lambda step: [])
-    assert fleet.agg.stats.tokens_granted == granted  # today: +2 tokens about every second
+    assert fleet.agg.stats.tokens_granted == granted
+    assert fleet.agg.stats.grants == grants  # not even 0-token rows for it
+    # the aggregator compacts every 100 ticks: by now it has forgotten the client
+    assert fleet.agg.clients() == 0
+
+
+# -- many clients: usage split into batches ------------------------------------------------------
+
+
+def test_usage_of_more_than_batch_records_clients_goes_out_in_several_batches() -> None:
+    """One partition's records are split into batches of at most wire.BATCH_RECORDS (a batch
+    the decoder refuses would lose all of its usage): every batch decodes, and the aggregator
+    applies them all and grants every client."""
+    n = wire.BATCH_RECORDS + 1234
+    clock = Clock()
+    bus = InProcessBus({USAGE_TOPIC: 1, GRANTS_TOPIC: 1})  # every client on one partition
+    limiter = RateLimiter(100, 1.0, mode="approximate", clock=clock)
+    agent = Agent(limiter, bus, "big")
+    agg = Aggregator(AggregatorConfig(Policy(100, 1.0), aggregator_id="agg"), bus, clock=clock)
+    reader = bus.receiver(USAGE_TOPIC, group="test-reader")  # before anything is sent
+    names = [f"c{i}" for i in range(n)]
+    for name in names:
+        assert limiter.check(name).allowed  # a cold-start token each: extra 1
+    clock.t += REPORT
+    agent.report_once()
+    records = reader.poll(0, max_records=100)
+    assert len(records) == agent.stats.batches_sent == 2
+    batches = [wire.decode_usage(r.value) for r in records]
+    assert [b.records.size for b in batches] == [wire.BATCH_RECORDS, 1234]
+    assert [b.seq for b in batches] == [1, 2]  # each its own sequence number
+    assert all(len(r.value) < 1 << 20 for r in records)
+    keys = np.concatenate([b.records["key"] for b in batches])
+    assert np.array_equal(np.sort(keys), np.sort([client_key(c) for c in names]))
+    for b in batches:
+        assert (b.records["extra"] == 1).all() and (b.records["admitted"] == 0).all()
+    assert agent.stats.records_sent == n
+    # the aggregator takes both (no duplicate, nothing malformed) and grants every client
+    assert all(agg.handle(r) for r in records)
+    assert agg.stats.records == n and agg.stats.malformed == 0 and agg.stats.duplicates == 0
+    assert agg.clients() == n
+    agg.tick()
+    assert agent.receive_once(0) == 1
+    assert agent.stats.grants_installed == n and agent.stats.grants_unknown == 0
 
 
 # -- real threads --------------------------------------------------------------------------------

@@ -620,18 +620,64 @@ def test_a_batch_the_encoder_writes_is_one_the_decoder_reads() -> None:
     assert decode_usage(encode_usage(batch)).records.size == MAX_RECORDS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: encode_usage writes batches of more than MAX_RECORDS records (and Agent never "
-    "splits a partition's records), which every aggregator then refuses as too_large: the "
-    "whole batch's usage is lost",
-)
 def test_encoder_never_writes_a_batch_the_decoder_refuses() -> None:
+    """More than MAX_RECORDS records: the encoders refuse to write what every decoder would
+    refuse as too_large (the agent splits a partition's records into BATCH_RECORDS batches)."""
     rec = np.zeros(MAX_RECORDS + 1, dtype=USAGE_RECORD)
     rec["key"] = 1
-    batch = UsageBatch("s", 1, 1, 0.0, 1.0, 0, 0, rec)
-    try:
-        data = encode_usage(batch)
-    except ValueError:
-        return  # refusing to write it is fine
-    assert decode_usage(data).records.size == MAX_RECORDS + 1
+    with pytest.raises(ValueError, match="records"):
+        encode_usage(UsageBatch("s", 1, 1, 0.0, 1.0, 0, 0, rec))
+    grants = np.zeros(MAX_RECORDS + 1, dtype=GRANT_RECORD)
+    grants["key"] = 1
+    with pytest.raises(ValueError, match="records"):
+        encode_grants(GrantBatch("a", 1, 1, 0.0, 1.0, 1, "s", grants))
+    # the largest legal grant batch still round-trips
+    assert (
+        decode_grants(
+            encode_grants(GrantBatch("a", 1, 1, 0.0, 1.0, 1, "s", grants[:MAX_RECORDS]))
+        ).records.size
+        == MAX_RECORDS
+    )
+
+
+def test_agent_batches_fit_the_decoder() -> None:
+    assert 0 < wire.BATCH_RECORDS <= MAX_RECORDS
+    assert wire.BATCH_RECORDS * USAGE_RECORD.itemsize < 1 << 20  # Kafka's default message size
+
+
+# -- client key 0 is reserved --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_decoders_refuse_a_record_with_key_0_as_bad_field(where: int) -> None:
+    usage = [(5, 1, 2, 3, 4), (U64, 0, 0, 1, 0), (7, 0, 0, 0, 9)]
+    usage[where] = (0, *usage[where][1:])
+    assert reason_of(decode_usage, usage_bytes(records=usage)) == "bad_field"
+    grants = [(5, 17), (U64, U32), (7, 0)]
+    grants[where] = (0, grants[where][1])
+    assert reason_of(decode_grants, grant_bytes(records=grants)) == "bad_field"
+    # the length is checked first
+    assert reason_of(decode_usage, usage_bytes(records=usage, tail=b"\x00")) == "bad_length"
+    assert reason_of(decode_grants, grant_bytes(records=grants, count=2)) == "bad_length"
+
+
+def test_a_key_0_record_with_zero_counts_is_refused_too() -> None:
+    assert reason_of(decode_usage, usage_bytes(records=[(0, 0, 0, 0, 0)])) == "bad_field"
+    assert reason_of(decode_grants, grant_bytes(records=[(0, 0)])) == "bad_field"
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_encoders_refuse_client_key_0(n: int) -> None:
+    rec = np.zeros(n, dtype=USAGE_RECORD)
+    rec["key"] = np.arange(n)  # key 0 first; the others are fine
+    rec["rejected"] = 1
+    with pytest.raises(ValueError, match="key 0"):
+        encode_usage(UsageBatch("s", 1, 1, 0.0, 1.0, 0, 0, rec))
+    grants = np.zeros(n, dtype=GRANT_RECORD)
+    grants["key"] = np.arange(n)[::-1]  # key 0 last
+    grants["tokens"] = 5
+    with pytest.raises(ValueError, match="key 0"):
+        encode_grants(GrantBatch("a", 1, 1, 0.0, 1.0, 1, "s", grants))
+    # without key 0 the same records encode and decode
+    rec["key"] += 1
+    assert decode_usage(encode_usage(UsageBatch("s", 1, 1, 0.0, 1.0, 0, 0, rec))).records.size == n

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from limiter import RateLimiter, StrictLimiter  # noqa: E402
+from limiter import RateLimiter, StrictLimiter
 
 
 def hammer(args: argparse.Namespace) -> None:
