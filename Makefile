@@ -2,6 +2,7 @@
 #   make test           venv + deps, lint, then pytest with Kafka and Redis up
 #   make lint           ruff check, ruff format --check, mypy --strict
 #   make demo           `drl smoke` against the local services
+#   make bench          the benchmarks (benchmarks/, results in docs/benchmarks.md)
 #   make services-up    start the local Kafka (KRaft) broker and Redis (scripts/services)
 #   make services-down  stop them
 # Services started by `make test` / `make demo` are stopped again when they finish; services that
@@ -23,7 +24,7 @@ TYPED_PACKAGES = $(foreach p,$(PACKAGES),$(if $(wildcard $(p)/*.py),$(p)))
 TYPED_EXTRA := scripts/drl_services.py tests/conftest.py tests/foundation
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo services-up services-down services-status
+.PHONY: test lint demo bench services-up services-down services-status
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,11 @@ test: lint
 
 demo: $(STAMP)
 	$(PY) scripts/with-services -- $(VENV)/bin/drl smoke
+
+# The benchmarks need the `bench` extra (the `limits` library, a peer to compare against).
+bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) benchmarks/bench_local.py
 
 services-up:
 	$(SERVICES_PY) scripts/services up

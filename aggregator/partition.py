@@ -10,8 +10,9 @@ Accounting, per client with limit L over window W (docs/consistency.md has the p
   reported, or reported: so ``window + outstanding`` always covers what a client's leases
   admitted in the last W seconds;
 - at a tick, ``budget = L - window - outstanding`` is split among the servers that showed demand
-  over the last ``memory`` ticks (a lease's life), in proportion to their demand per tick, each
-  capped at ``NEED_TICKS`` ticks of demand plus ``NEED_FLOOR`` tokens, minus what it holds
+  in the last ``keepalive`` ticks, in proportion to their demand per tick over the last
+  ``memory`` ticks, each capped at ``NEED_TICKS`` ticks of that demand plus ``NEED_FLOOR``
+  tokens, minus what it holds
   (:func:`aggregator.allocate.water_fill`).
 
 Hence, between ticks, lease admissions in any window of length W never exceed L; admissions
@@ -36,6 +37,7 @@ NEED_FLOOR = 2.0
 MAX_SERVERS = 1 << 16
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)
+_NEVER = -(1 << 62)
 _EMPTY_F = np.zeros(0)
 
 
@@ -50,7 +52,17 @@ def _grow(a: np.ndarray, n: int) -> np.ndarray:
 class PartitionState:
     """Windowed use, outstanding leases and recent demand of one usage partition's clients."""
 
-    def __init__(self, limit: int, window: float, bucket: float, memory: int = 2) -> None:
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        bucket: float,
+        memory: int = 2,
+        keepalive: int | None = None,
+    ) -> None:
+        """``memory``: ticks of demand the rate per tick is averaged over; ``keepalive`` (at least
+        ``memory``): ticks after a pair's last demand that it still gets grants (a small lease
+        keeps a sparse client's requests off the cold-start path)."""
         self.limit = limit
         self.window = window
         self.clients = KeyIndex()
@@ -61,6 +73,9 @@ class PartitionState:
         self.pair_client = np.zeros(1024, dtype=np.int64)
         self.pair_server = np.zeros(1024, dtype=np.int64)
         self.outstanding = np.zeros(1024)  # pair slot -> tokens granted, not yet reported
+        self.seen = np.full(1024, _NEVER, dtype=np.int64)  # pair slot -> tick of last demand
+        self.keepalive = max(memory, keepalive or memory)
+        self._ticks = 0
         self._demand: list[tuple[np.ndarray, np.ndarray]] = []
         #: (pairs, tokens) wanted in each of the last ``memory`` ticks, newest last
         self._history: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque(
@@ -79,6 +94,10 @@ class PartitionState:
             self.pair_client = _grow(self.pair_client, n)
             self.pair_server = _grow(self.pair_server, n)
             self.outstanding = _grow(self.outstanding, n)
+            if n > self.seen.size:
+                seen = np.full(max(n, 2 * self.seen.size), _NEVER, dtype=np.int64)
+                seen[: self.seen.size] = self.seen
+                self.seen = seen
             new = np.arange(before, n)
             raw = self.pairs.slot_keys[new].astype(np.int64) - 1
             self.pair_client[new] = raw // MAX_SERVERS
@@ -123,6 +142,7 @@ class PartitionState:
         wanted = demand > 0  # a report of released tokens only is no demand
         if wanted.any():
             self._demand.append((pairs[wanted], demand[wanted]))
+            self.seen[pairs[wanted]] = self._ticks
         self.last_active[clients] = now
 
     def tick(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,16 +162,22 @@ class PartitionState:
         else:
             cur_pairs, cur_amounts = _EMPTY_I, _EMPTY_F
         self._history.append((cur_pairs, cur_amounts))
-        pairs, inverse = np.unique(
+        recent, inverse = np.unique(
             np.concatenate([p for p, _ in self._history]), return_inverse=True
         )
-        if pairs.size == 0:
-            return np.zeros(0, dtype=np.uint64), _EMPTY_I, _EMPTY_I
-        per_tick = np.bincount(
+        recent_rate = np.bincount(
             inverse.reshape(-1),
             weights=np.concatenate([a for _, a in self._history]),
-            minlength=pairs.size,
+            minlength=recent.size,
         ) / len(self._history)
+        # pairs still kept alive: demand within `keepalive` ticks (a superset of `recent`)
+        m = len(self.pairs)
+        pairs = np.flatnonzero(self.seen[:m] > self._ticks - self.keepalive)
+        self._ticks += 1
+        if pairs.size == 0:
+            return np.zeros(0, dtype=np.uint64), _EMPTY_I, _EMPTY_I
+        per_tick = np.zeros(pairs.size)
+        per_tick[np.searchsorted(pairs, recent)] = recent_rate
         clients, group = np.unique(self.pair_client[pairs], return_inverse=True)
         group = group.reshape(-1)
         budget = np.maximum(0.0, self.limit - self.ring.used(clients, now) - self.held[clients])
@@ -181,7 +207,7 @@ class PartitionState:
             | (self.held[:n] > 0)
             | (self.last_active[:n] > now - self.window)
         )
-        recent = np.zeros(m, dtype=bool)
+        recent = self.seen[:m] > self._ticks - self.keepalive
         for p, _ in (*self._history, *self._demand):
             recent[p] = True
         keep_pairs = keep[self.pair_client[:m]] & ((self.outstanding[:m] > 0) | recent)
@@ -199,6 +225,9 @@ class PartitionState:
         self.pair_client = _grow(client_map[self.pair_client[old_pairs]], 1024)
         self.pair_server = _grow(self.pair_server[old_pairs], 1024)
         self.outstanding = _grow(self.outstanding[old_pairs], 1024)
+        seen = np.full(max(1024, 2 * old_pairs.size), _NEVER, dtype=np.int64)
+        seen[: old_pairs.size] = self.seen[old_pairs]
+        self.seen = seen
         k = old_pairs.size
         self.pairs = KeyIndex(max(1024, k))
         self.pairs.lookup_or_insert(

@@ -9,7 +9,9 @@ when the interval really ended. A batch's admissions are charged at
 never earlier than any admission it reports. A sample more than ``OFFSET_STEP`` below the
 estimate (the server's clock stepped back, or that batch was late) restarts the estimate from
 it; a step back smaller than that can make a charge up to ``OFFSET_STEP`` early.
-:meth:`Aggregator.server_offsets` exposes the estimates (a server whose clock is 5 s fast shows +5 s).
+:meth:`Aggregator.server_offsets` exposes the estimates (a server whose clock is 5 s fast
+shows +5 s).
+
 Usage batches are applied at most once per (server, incarnation, partition): a batch whose
 sequence number is not above the last one applied is a duplicate or out of order and is skipped
 (counted). A malformed message is counted, logged and skipped.
@@ -44,6 +46,9 @@ DEFAULT_TTL_TICKS = 10.0
 #: A server not heard from for this many seconds no longer counts as active; its leases (which
 #: expire ``lease_ttl`` after their last grant, and it gets no more) are taken back.
 DEFAULT_SERVER_TIMEOUT = 3.0
+#: A (client, server) pair keeps getting grants (a small lease) for up to a window after its last
+#: demand, at most this many ticks.
+MAX_KEEPALIVE_TICKS = 600
 #: Consumer group of the aggregators.
 DEFAULT_GROUP = "drl-aggregators"
 
@@ -188,7 +193,8 @@ class Aggregator:
     def _new_partition(self) -> PartitionState:
         c = self.config
         memory = max(1, math.ceil(c.ttl / c.tick))
-        return PartitionState(c.policy.limit, c.policy.window, c.bucket, memory)
+        keepalive = min(max(memory, math.ceil(c.policy.window / c.tick)), MAX_KEEPALIVE_TICKS)
+        return PartitionState(c.policy.limit, c.policy.window, c.bucket, memory, keepalive)
 
     @property
     def partitions(self) -> list[int]:

@@ -1,6 +1,6 @@
 """Benchmark of the embedded ``RateLimiter`` against a CPython floor and the ``limits`` library.
 
-``python benchmarks/bench_local.py`` runs the full benchmark (a few minutes) and prints Markdown
+``python benchmarks/bench_local.py`` runs the full benchmark (~9 min on 2 cores) and prints Markdown
 tables; ``--quick`` is a smoke run (< 30 s); ``--write-docs`` also rewrites the results section
 of ``docs/benchmarks.md`` (between ``<!-- bench_local:start -->`` and
 ``<!-- bench_local:end -->``). Single-threaded; see docs/benchmarks.md for the method.

@@ -111,11 +111,17 @@ class TokenBucket(Algorithm):
         return used
 
     def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
-        used = self._used(s, b, now)
+        # _used() inlined: this is the request path
+        last = s[b + 1]
+        used: float = s[b]
+        if now > last:
+            used -= (now - last) * self.rate
+            if used < 0.0:
+                used = 0.0
         if used + cost > self.capacity:
             return False
         s[b] = used + cost
-        if now > s[b + 1]:
+        if now > last:
             s[b + 1] = now
         return True
 
@@ -263,6 +269,17 @@ class SlidingWindow(Algorithm):
         return prev * (1.0 - f) + cur
 
     def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        w = self.window
+        start: float = s[b]
+        if now - start < w:  # the common case, _roll() and _estimate() inlined
+            cur: float = s[b + 1]
+            f = (now - start) / w
+            if f < 0.0:
+                f = 0.0
+            if s[b + 2] * (1.0 - f) + cur + cost > self.limit:
+                return False
+            s[b + 1] = cur + cost
+            return True
         start, cur, prev = self._roll(s, b, now)
         if self._estimate(start, cur, prev, now) + cost > self.limit:
             return False

@@ -30,7 +30,8 @@ Usage counts, in tokens since the previous batch: ``admitted`` from the server's
 ``extra`` admitted outside a lease (cold start, degraded share), ``rejected`` (refused or waiting;
 a client's demand is admitted + extra + rejected), ``released`` (left unspent in a lease that
 expired). Client key 0 is reserved. Counts above 65,535 tokens per interval are split over
-several records with the same key; the aggregator sums them. Anything else malformed raises :class:`WireError` with a ``reason``.
+several records with the same key; the aggregator sums them. Anything else malformed raises
+:class:`WireError` with a ``reason``.
 """
 
 from __future__ import annotations

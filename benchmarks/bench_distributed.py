@@ -1,0 +1,1333 @@
+"""CPU cost of the approximate mode's distributed path, in one process, no broker.
+
+``python benchmarks/bench_distributed.py`` runs the full benchmark (a few minutes) and prints
+Markdown tables; ``--quick`` is a smoke run (< 30 s); ``--write-docs`` also rewrites this
+benchmark's section of ``docs/benchmarks.md`` (between ``<!-- bench_distributed:start -->`` and
+``<!-- bench_distributed:end -->``; appended at the end of the file if the markers are missing).
+
+Four measurements, all on in-memory data (see the method in the section this writes):
+
+1. aggregator throughput: usage records per second through ``wire.decode_usage`` +
+   ``PartitionState.apply``, with one ``PartitionState.tick`` (and the grant batches it turns
+   into) per report round of four servers;
+2. one allocation tick with a million active clients, and its parts;
+3. the request path of an approximate-mode ``RateLimiter`` holding leases, next to local-mode
+   limiters in the same run, with and without the agent's background drain;
+4. bytes on the wire per usage and per grant record, raw and lz4-compressed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from aggregator.allocate import water_fill  # noqa: E402
+from aggregator.partition import NEED_FLOOR, NEED_TICKS, PartitionState  # noqa: E402
+from aggregator.service import AggregatorConfig  # noqa: E402
+from limiter import Policy, RateLimiter, Request  # noqa: E402
+from producer import wire  # noqa: E402
+from producer.agent import Agent  # noqa: E402
+from producer.transport import InProcessBus  # noqa: E402
+
+try:  # a dependency (kafka-python reads confluent-kafka's lz4 batches); reported if missing
+    import lz4
+    import lz4.frame
+except ImportError:  # pragma: no cover - reported in the output
+    lz4 = None  # type: ignore[assignment]
+
+DOC = ROOT / "docs" / "benchmarks.md"
+START_MARK = "<!-- bench_distributed:start -->"
+END_MARK = "<!-- bench_distributed:end -->"
+
+#: The aggregator's policy: 1,000 tokens per 10 s per client. Any window of 6.4 s or more gets
+#: the same ring (window / 128 buckets), so the cost does not depend on it beyond that.
+AGG_POLICY = Policy(1000, 10.0)
+#: Servers reporting to the aggregator; each sends one usage batch per round.
+SERVERS = 4
+#: Report interval and tick, seconds (the defaults of the agent and of the aggregator).
+ROUND = 0.1
+#: Zipf exponent of the skewed workload (rank i has weight 1 / i**ZIPF_S).
+ZIPF_S = 1.0
+#: A server admits at most this many tokens per client per round (about L / rounds per window
+#: / servers with the policy above); the rest of a client's requests are reported as rejected.
+ADMIT_CAP = 3
+#: Calls per block and per timed chunk in the request-path loop (as in bench_local.py).
+BLOCK = 1000
+CHUNK = 100
+#: The request path's policies: bench_local.py's small one (sliding_log) and large one.
+SMALL = (10, 10)
+LARGE = (1_000_000, 100_000_000)
+#: Tokens per lease installed for the request-path run: never run out during a run.
+LEASE_TOKENS = 1_000_000
+#: The agent's report interval (the drain thread's period), seconds.
+DRAIN_INTERVAL = 0.1
+
+pc = time.perf_counter
+
+
+# -- workload ------------------------------------------------------------------------------------
+
+
+def client_keys(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` distinct random non-zero uint64 keys (what BLAKE2b stable keys look like)."""
+    keys = np.unique(rng.integers(1, 2**64 - 1, int(n * 1.01) + 16, dtype=np.uint64))
+    return rng.permutation(keys)[:n]
+
+
+class Workload:
+    """Requests per server and round: draws over ``n`` clients, uniform or Zipf, aggregated into
+    one usage record per client; the draws per round are set so that a batch holds ``batch``
+    records on average."""
+
+    def __init__(self, dist: str, keys: np.ndarray, batch: int) -> None:
+        n = keys.size
+        self.dist = dist
+        self.keys = keys
+        if dist == "zipf":
+            weight = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** ZIPF_S
+        else:
+            weight = np.ones(n)
+        p = weight / weight.sum()
+        self.cdf = np.cumsum(p)
+        self.requests = self._calibrate(p, batch)
+
+    @staticmethod
+    def _calibrate(p: np.ndarray, batch: int) -> int:
+        """Draws M such that the expected distinct clients among M draws is ``batch``."""
+        log_q = np.log1p(-p)
+
+        def distinct(m: float) -> float:
+            return float(-np.expm1(m * log_q).sum())
+
+        lo, hi = float(batch), float(batch)
+        while distinct(hi) < batch:
+            hi *= 2
+        while hi / lo > 1.0005:
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if distinct(mid) < batch else (lo, mid)
+        return round(hi)
+
+    def records(self, rng: np.random.Generator) -> np.ndarray:
+        draws = np.searchsorted(self.cdf, rng.random(self.requests) * self.cdf[-1], side="right")
+        idx, counts = np.unique(np.minimum(draws, self.keys.size - 1), return_counts=True)
+        order = rng.permutation(idx.size)  # a drain's order: not sorted by key
+        idx, counts = idx[order], counts[order].astype(np.float64)
+        admitted = np.minimum(counts, ADMIT_CAP)
+        zero = np.zeros(idx.size)
+        return wire.usage_records(self.keys[idx], admitted, zero, counts - admitted, zero)
+
+
+def usage_message(server: int, seq: int, start: float, records: np.ndarray) -> bytes:
+    batch = wire.UsageBatch(
+        f"server-{server}", 7 + server, seq, start, start + ROUND, 0, 0, records
+    )
+    return wire.encode_usage(batch)
+
+
+def grant_messages(
+    keys: np.ndarray, servers: np.ndarray, tokens: np.ndarray, now: float, seq: int
+) -> list[bytes]:
+    """One grant batch per server, split the way ``Aggregator.tick`` splits a tick's result."""
+    order = np.argsort(servers, kind="stable")
+    servers, keys, tokens = servers[order], keys[order], tokens[order]
+    bounds = np.flatnonzero(np.diff(servers)) + 1
+    out = []
+    for s, k, t in zip(
+        servers[np.r_[0, bounds]] if servers.size else [],
+        np.split(keys, bounds),
+        np.split(tokens, bounds),
+        strict=False,
+    ):
+        rec = np.empty(k.size, dtype=wire.GRANT_RECORD)
+        rec["key"] = k
+        rec["tokens"] = np.minimum(t, wire.MAX_GRANT)
+        batch = wire.GrantBatch("bench-aggregator", 1, seq, now, 1.0, SERVERS, f"server-{s}", rec)
+        out.append(wire.encode_grants(batch))
+    return out
+
+
+def new_state() -> PartitionState:
+    """A partition as ``Aggregator`` builds it for ``AGG_POLICY`` with the default tick/ttl."""
+    c = AggregatorConfig(AGG_POLICY)
+    memory = max(1, math.ceil(c.ttl / c.tick))
+    return PartitionState(c.policy.limit, c.policy.window, c.bucket, memory)
+
+
+# -- 1. aggregator throughput ----------------------------------------------------------------------
+
+
+@dataclass
+class AggSample:
+    records: int  # timed records
+    batches: int
+    decode_s: float
+    apply_s: float
+    tick_s: list[float]  # per timed tick
+    grants_s: list[float]  # per timed tick: split + encode of the grant batches
+    pairs: float  # mean pairs in a timed tick (= grant records)
+    clients: int  # clients in the last timed tick
+
+    @property
+    def total_s(self) -> float:
+        return self.decode_s + self.apply_s + sum(self.tick_s) + sum(self.grants_s)
+
+
+@dataclass
+class AggRow:
+    dist: str
+    clients: int
+    batch: int
+    requests: int  # draws per server per round
+    samples: list[AggSample] = field(default_factory=list)
+    #: timed usage batches: (records, encoded bytes, lz4 bytes or -1)
+    usage_sizes: list[tuple[int, int, int]] = field(default_factory=list)
+    #: grant batches of the last timed tick: (records, encoded bytes, lz4 bytes or -1)
+    grant_sizes: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def median(self, f: Callable[[AggSample], float]) -> float:
+        return float(statistics.median(f(s) for s in self.samples))
+
+
+@dataclass
+class FirstSeen:
+    clients: int
+    records: int
+    seconds: float
+    rounds: int
+
+
+class Clock:
+    """The simulated aggregator clock: one round of ``ROUND`` seconds per step."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+
+def first_seen(state: PartitionState, keys: np.ndarray, clock: Clock) -> FirstSeen:
+    """Every server reports every client once, zero counts: the key index and the ring fill up
+    (an aggregator that just took over a partition). Timed: decode + apply."""
+    zero = np.zeros(keys.size)
+    records = wire.usage_records(keys, zero, zero, zero, zero)
+    step = wire.BATCH_RECORDS
+    elapsed = 0.0
+    seq = 0
+    for s in range(SERVERS):
+        for i in range(0, keys.size, step):
+            seq += 1
+            data = usage_message(s, seq, clock.now - ROUND, records[i : i + step])
+            t0 = pc()
+            batch = wire.decode_usage(data)
+            state.apply(batch.records, s, clock.now, clock.now)
+            elapsed += pc() - t0
+        state.tick(clock.now)
+        clock.now += ROUND
+    return FirstSeen(keys.size, SERVERS * keys.size, elapsed, SERVERS)
+
+
+def run_rounds(
+    state: PartitionState,
+    clock: Clock,
+    messages: list[list[bytes]],
+    timed_from: int,
+    row: AggRow | None,
+) -> AggSample:
+    """Feed rounds of usage batches, one tick per round; time the rounds from ``timed_from``."""
+    sample = AggSample(0, 0, 0.0, 0.0, [], [], 0.0, 0)
+    pairs = []
+    seq = 1_000_000
+    for r, round_msgs in enumerate(messages):
+        timed = r >= timed_from
+        start = clock.now
+        for s, data in enumerate(round_msgs):
+            arrive = start + (s + 1) * ROUND / (len(round_msgs) + 1)
+            t0 = pc()
+            batch = wire.decode_usage(data)
+            t1 = pc()
+            state.apply(batch.records, s, arrive, start)  # the interval ended at ``start``
+            t2 = pc()
+            if timed:
+                sample.decode_s += t1 - t0
+                sample.apply_s += t2 - t1
+                sample.records += int(batch.records.size)
+                sample.batches += 1
+        now = start + ROUND
+        t0 = pc()
+        keys, servers, tokens = state.tick(now)
+        t1 = pc()
+        seq += 1
+        grants = grant_messages(keys, servers, tokens, now, seq)
+        t2 = pc()
+        clock.now = now
+        if timed:
+            sample.tick_s.append(t1 - t0)
+            sample.grants_s.append(t2 - t1)
+            pairs.append(keys.size)
+            if r == len(messages) - 1:
+                sample.clients = int(np.unique(keys).size)
+                if row is not None:
+                    row.grant_sizes = [
+                        (wire.decode_grants(g).records.size, len(g), lz4_size(g)) for g in grants
+                    ]
+    sample.pairs = float(np.mean(pairs)) if pairs else 0.0
+    return sample
+
+
+@dataclass
+class Config:
+    sizes: tuple[int, ...]  # client keys in the aggregator workload
+    batches: tuple[int, ...]  # records per usage batch (mean)
+    dists: tuple[str, ...]
+    warm_rounds: int  # >= the partition's memory (10 ticks): the history is this workload's
+    timed_rounds: int
+    rounds: int  # interleaved repetitions (median taken)
+    tick_clients: int
+    tick_timed: int  # timed ticks (half whole, half in parts)
+    calls: int
+    warmup: int
+    latency_calls: int
+    request_clients: int = 10_000
+    seed: int = 20240607
+
+
+def aggregator_throughput(
+    cfg: Config, log: Callable[[str], None]
+) -> tuple[list[AggRow], list[FirstSeen]]:
+    rows: list[AggRow] = []
+    seen: list[FirstSeen] = []
+    for n in cfg.sizes:
+        rng = np.random.default_rng(cfg.seed + n)
+        keys = client_keys(n, rng)
+        clock = Clock()
+        state = new_state()
+        gc.collect()
+        fs = first_seen(state, keys, clock)
+        seen.append(fs)
+        log(
+            f"  aggregator n={n:>9,}: first seen {fs.records:,} records in {fs.seconds:.1f} s "
+            f"({fs.records / fs.seconds / 1e3:.0f} k/s)"
+        )
+        work: list[tuple[AggRow, list[list[bytes]]]] = []
+        for dist in cfg.dists:
+            for b in cfg.batches:
+                w = Workload(dist, keys, b)
+                total = cfg.warm_rounds + cfg.timed_rounds
+                msgs = [
+                    [usage_message(s, r, 0.0, w.records(rng)) for s in range(SERVERS)]
+                    for r in range(total)
+                ]
+                row = AggRow(dist, n, b, w.requests)
+                row.usage_sizes = [
+                    (wire.decode_usage(m).records.size, len(m), lz4_size(m))
+                    for round_msgs in msgs[cfg.warm_rounds :]
+                    for m in round_msgs
+                ]
+                work.append((row, msgs))
+        for r in range(cfg.rounds):
+            order = work[r % len(work) :] + work[: r % len(work)]
+            for row, msgs in order:
+                t0 = pc()
+                gc.collect()
+                s = run_rounds(state, clock, msgs, cfg.warm_rounds, row)
+                row.samples.append(s)
+                log(
+                    f"  aggregator n={n:>9,} round {r + 1}/{cfg.rounds} {row.dist:<7} "
+                    f"batch {row.batch:>6,}: decode {s.records / s.decode_s / 1e6:6.1f} M/s, "
+                    f"apply {s.records / s.apply_s / 1e6:5.2f} M/s, tick "
+                    f"{statistics.median(s.tick_s) * 1e3:7.1f} ms ({s.pairs:,.0f} pairs), "
+                    f"total {s.records / s.total_s / 1e6:5.2f} M/s  ({pc() - t0:.1f} s)"
+                )
+        rows.extend(row for row, _ in work)
+        del state, work, keys
+        gc.collect()
+    return rows, seen
+
+
+# -- 2. the tick with a million active clients, and its parts -------------------------------------
+
+
+PARTS = ("advance", "demand", "history", "clients", "used", "budget", "water_fill", "update")
+
+
+def tick_in_parts(
+    self: PartitionState, now: float
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, float]]:
+    """``PartitionState.tick`` step by step with a timer between steps (a copy of its code,
+    reading its internals; :func:`tick_copy_ok` checks it against the real one every run)."""
+    t: dict[str, float] = {}
+    t0 = pc()
+    self.ring.advance(now)
+    t1 = pc()
+    t["advance"] = t1 - t0
+    if self._demand:
+        cur_pairs = np.concatenate([p for p, _ in self._demand])
+        cur_amounts = np.concatenate([a for _, a in self._demand])
+        self._demand.clear()
+        cur_pairs, inverse = np.unique(cur_pairs, return_inverse=True)
+        cur_amounts = np.bincount(
+            inverse.reshape(-1), weights=cur_amounts, minlength=cur_pairs.size
+        )
+    else:
+        cur_pairs, cur_amounts = np.zeros(0, dtype=np.int64), np.zeros(0)
+    self._history.append((cur_pairs, cur_amounts))
+    t0 = pc()
+    t["demand"] = t0 - t1
+    pairs, inverse = np.unique(np.concatenate([p for p, _ in self._history]), return_inverse=True)
+    if pairs.size == 0:
+        return (np.zeros(0, dtype=np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)), t
+    per_tick = np.bincount(
+        inverse.reshape(-1),
+        weights=np.concatenate([a for _, a in self._history]),
+        minlength=pairs.size,
+    ) / len(self._history)
+    t1 = pc()
+    t["history"] = t1 - t0
+    clients, group = np.unique(self.pair_client[pairs], return_inverse=True)
+    group = group.reshape(-1)
+    t0 = pc()
+    t["clients"] = t0 - t1
+    used = self.ring.used(clients, now)
+    t1 = pc()
+    t["used"] = t1 - t0
+    budget = np.maximum(0.0, self.limit - used - self.held[clients])
+    need = np.maximum(0.0, np.ceil(NEED_TICKS * per_tick) + NEED_FLOOR - self.outstanding[pairs])
+    t0 = pc()
+    t["budget"] = t0 - t1
+    tokens = water_fill(group, per_tick + 1.0, need, budget)
+    t1 = pc()
+    t["water_fill"] = t1 - t0
+    self.outstanding[pairs] += tokens
+    self.held[clients] += np.bincount(group, weights=tokens, minlength=clients.size)
+    out = self.clients.slot_keys[clients[group]], self.pair_server[pairs], tokens
+    t["update"] = pc() - t1
+    return out, t
+
+
+class TickScenario:
+    """``n`` clients, each with demand at 1-4 servers (uniformly many, random ones); each
+    (client, server) pair reports its demand once per ``memory`` ticks, in a random tick of
+    the cycle, so that every pair is in the tick's history at every tick."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.state = new_state()
+        self.memory = self.state._history.maxlen or 1
+        self.keys = client_keys(n, rng)
+        per_client = rng.integers(1, SERVERS + 1, n)
+        servers = np.argsort(rng.random((n, SERVERS)), axis=1)
+        mask = np.arange(SERVERS)[None, :] < per_client[:, None]
+        self.pair_client = np.nonzero(mask)[0]
+        self.pair_server = servers[mask]
+        self.slot = rng.integers(0, self.memory, self.pair_client.size)
+        self.demand = rng.integers(1, ADMIT_CAP + 1, self.pair_client.size).astype(np.float64)
+        self.t = 0
+        self.now = 1000.0
+
+    def feed(self) -> None:
+        """This tick's reports: the pairs of the current cycle slot, one batch per server."""
+        sel = self.slot == self.t % self.memory
+        for s in range(SERVERS):
+            m = sel & (self.pair_server == s)
+            c = self.pair_client[m]
+            zero = np.zeros(c.size)
+            rec = wire.usage_records(self.keys[c], self.demand[m], zero, zero, zero)
+            for i in range(0, rec.size, wire.BATCH_RECORDS):
+                self.state.apply(rec[i : i + wire.BATCH_RECORDS], s, self.now, self.now)
+        self.t += 1
+
+
+def tick_copy_ok(seed: int) -> bool:
+    """Whether :func:`tick_in_parts` still does what ``PartitionState.tick`` does."""
+    try:
+        sc = TickScenario(3000, seed)
+        for _ in range(sc.memory + 2):
+            sc.feed()
+            twin = copy.deepcopy(sc.state)
+            a = sc.state.tick(sc.now)
+            b, _ = tick_in_parts(twin, sc.now)
+            if not all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)):
+                return False
+            if not np.array_equal(sc.state.outstanding, twin.outstanding):
+                return False
+            sc.now += ROUND
+        return True
+    except (AttributeError, TypeError, ValueError):  # the partition's internals changed
+        return False
+
+
+def array_bytes(*objs: object) -> int:
+    total = 0
+    for obj in objs:
+        names = getattr(type(obj), "__slots__", None) or list(vars(obj))
+        for name in names:
+            v = getattr(obj, name, None)
+            if isinstance(v, np.ndarray):
+                total += v.nbytes
+    return total
+
+
+@dataclass
+class TickResult:
+    clients: int
+    pairs: int
+    ring_columns: int
+    setup_s: float
+    whole_s: list[float]  # real PartitionState.tick
+    parts: list[dict[str, float]] | None  # tick_in_parts, None if the copy is stale
+    advance_s: list[float]  # ring.advance to the next round (clears the buckets passed)
+    compact_s: float
+    state_bytes: int
+    ring_bytes: int
+    pair_index_bytes: int
+
+    def part(self, name: str) -> float:
+        assert self.parts is not None
+        return float(statistics.median(p[name] for p in self.parts))
+
+
+def tick_at_scale(cfg: Config, log: Callable[[str], None]) -> TickResult:
+    gc.collect()
+    copy_ok = tick_copy_ok(cfg.seed)
+    if not copy_ok:
+        log("  tick parts skipped: tick_in_parts no longer matches PartitionState.tick")
+    t0 = pc()
+    sc = TickScenario(cfg.tick_clients, cfg.seed + 1)
+    st = sc.state
+    for _ in range(sc.memory):  # fill the history: every pair has demand in it
+        sc.feed()
+        st.tick(sc.now)
+        sc.now += ROUND
+    setup = pc() - t0
+    log(f"  tick n={cfg.tick_clients:,}: {sc.pair_client.size:,} pairs, set up in {setup:.1f} s")
+    whole: list[float] = []
+    parts: list[dict[str, float]] = []
+    advance: list[float] = []
+    pairs = 0
+    for j in range(cfg.tick_timed):
+        gc.collect()
+        t0 = pc()
+        st.ring.advance(sc.now - ROUND / 2)  # what the round's first apply() does
+        advance.append(pc() - t0)
+        sc.feed()
+        in_parts = copy_ok and j % 2 == 1
+        t0 = pc()
+        if in_parts:
+            (keys, _, _), p = tick_in_parts(st, sc.now)
+            parts.append(p)
+        else:
+            keys, _, _ = st.tick(sc.now)
+            whole.append(pc() - t0)
+        pairs = keys.size
+        log(
+            f"  tick n={cfg.tick_clients:,} {j + 1}/{cfg.tick_timed}: {pc() - t0:.3f} s "
+            f"({'parts' if in_parts else 'whole'}), {keys.size:,} pairs, advance "
+            f"{advance[-1] * 1e3:.1f} ms"
+        )
+        sc.now += ROUND
+    t0 = pc()
+    st.compact(sc.now)
+    compact = pc() - t0
+    result = TickResult(
+        clients=len(st),
+        pairs=pairs,
+        ring_columns=st.ring.k,
+        setup_s=setup,
+        whole_s=whole,
+        parts=parts if copy_ok else None,
+        advance_s=advance,
+        compact_s=compact,
+        state_bytes=array_bytes(st, st.ring, st.clients, st.pairs),
+        ring_bytes=st.ring.charges.nbytes,
+        pair_index_bytes=array_bytes(st.pairs),
+    )
+    del sc, st
+    gc.collect()
+    return result
+
+
+# -- 3. the request path ---------------------------------------------------------------------------
+
+Blocks = list[list[list[str]]]
+
+
+@dataclass
+class Built:
+    call: Callable[[str, Request], bool]
+    prepare: Callable[[], None] = lambda: None  # after the first-seen pass, untimed
+    start: Callable[[], None] = lambda: None  # background threads, before the warm-up
+    stop: Callable[[], None] = lambda: None
+    report: Callable[[], tuple[int, float]] = lambda: (0, 0.0)  # (drains, mean drain seconds)
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    policy: str
+    build: Callable[[], Built]
+
+
+def _local(algorithm: str) -> Callable[[], Built]:
+    def build() -> Built:
+        limit, window = SMALL if algorithm == "sliding_log" else LARGE
+        return Built(RateLimiter(limit, window, algorithm=algorithm).allow_request)
+
+    return build
+
+
+def _install_leases(rl: RateLimiter, tokens: float) -> None:
+    usage = rl.drain_usage()
+    expiry = rl.now() + 1e6
+    installed = rl.apply_grants(usage.keys, np.full(usage.keys.size, tokens), expiry)
+    if installed != usage.keys.size:
+        raise RuntimeError(f"installed {installed} leases for {usage.keys.size} clients")
+
+
+def _approximate(background: str, tokens: float = LEASE_TOKENS) -> Callable[[], Built]:
+    """``background``: ``none``, ``drain`` (a thread calling drain_usage every 100 ms) or
+    ``agent`` (``producer.Agent``'s reporter and receiver threads on an in-process bus)."""
+
+    def build() -> Built:
+        # algorithm="gcra" only passes the policy check: sliding_log, the default, refuses
+        # limits above 4,096, although approximate mode decides with leases, not with it
+        rl = RateLimiter(*LARGE, algorithm="gcra", mode="approximate")
+        built = Built(rl.allow_request, prepare=lambda: _install_leases(rl, tokens))
+        durations: list[float] = []
+        if background == "drain":
+            stop = threading.Event()
+
+            def loop() -> None:
+                next_at = time.monotonic()
+                while not stop.is_set():
+                    next_at += DRAIN_INTERVAL
+                    t0 = pc()
+                    rl.drain_usage()
+                    durations.append(pc() - t0)
+                    stop.wait(max(0.0, next_at - time.monotonic()))
+
+            thread = threading.Thread(target=loop, name="bench-drain", daemon=True)
+
+            def halt() -> None:
+                stop.set()
+                thread.join()
+
+            built.start, built.stop = thread.start, halt
+        elif background == "agent":
+            agent = Agent(rl, InProcessBus(), "bench-server", report_interval=DRAIN_INTERVAL)
+            report_once = agent.report_once
+
+            def timed_report() -> None:
+                t0 = pc()
+                report_once()
+                durations.append(pc() - t0)
+
+            agent.report_once = timed_report  # type: ignore[method-assign]
+
+            def start() -> None:
+                agent.start()
+
+            built.start, built.stop = start, agent.stop
+        built.report = lambda: (len(durations), float(np.mean(durations)) if durations else 0.0)
+        return built
+
+    return build
+
+
+def request_contenders() -> list[Contender]:
+    small = f"{SMALL[0]} per {SMALL[1]} s"
+    large = f"{LARGE[0]:,} per {LARGE[1]:,} s"
+    return [
+        Contender("local, sliding_log (default)", small, _local("sliding_log")),
+        Contender("local, gcra", large, _local("gcra")),
+        Contender("approximate, lease", large, _approximate("none")),
+        Contender("approximate, lease + drain thread (100 ms)", large, _approximate("drain")),
+        Contender("approximate, lease + producer.Agent threads", large, _approximate("agent")),
+        Contender("approximate, empty lease (refusals)", large, _approximate("none", 0.0)),
+    ]
+
+
+def blocks_of(ids: list[str], idx: np.ndarray) -> Blocks:
+    seq = [ids[i] for i in idx.tolist()]
+    return [
+        [seq[c : c + CHUNK] for c in range(b, min(b + BLOCK, len(seq)), CHUNK)]
+        for b in range(0, len(seq), BLOCK)
+    ]
+
+
+def run_blocks(f: Callable[[str, Request], bool], blocks: Blocks) -> tuple[int, list[int]]:
+    """bench_local.py's loop: a fresh ``Request()`` per block, chunks timed on their own."""
+    pcn = time.perf_counter_ns
+    per_chunk: list[int] = []
+    app = per_chunk.append
+    t0 = pcn()
+    for block in blocks:
+        req = Request()
+        for chunk in block:
+            tc = pcn()
+            for cid in chunk:
+                f(cid, req)
+            app(pcn() - tc)
+    return pcn() - t0, per_chunk
+
+
+def time_calls(f: Callable[[str, Request], bool], blocks: Blocks) -> tuple[list[int], int]:
+    pcn = time.perf_counter_ns
+    out: list[int] = []
+    app = out.append
+    ok = 0
+    for block in blocks:
+        req = Request()
+        for chunk in block:
+            for cid in chunk:
+                t0 = pcn()
+                r = f(cid, req)
+                t1 = pcn()
+                app(t1 - t0)
+                if r:
+                    ok += 1
+    return out, ok
+
+
+def timer_overhead_ns(samples: int = 200_000) -> float:
+    pcn = time.perf_counter_ns
+    d = []
+    for _ in range(samples):
+        t0 = pcn()
+        t1 = pcn()
+        d.append(t1 - t0)
+    return float(statistics.median(d))
+
+
+@dataclass
+class ReqSample:
+    calls: int
+    rate: float  # whole loop
+    chunk_rate: float  # median chunk
+    p50: float
+    p99: float
+    admitted: float
+    insert_rate: float
+    drains: int
+    drain_ms: float
+
+
+@dataclass
+class ReqRow:
+    contender: str
+    policy: str
+    samples: list[ReqSample] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return float(statistics.median(getattr(s, attr) for s in self.samples))
+
+
+def request_path(cfg: Config, overhead: float, log: Callable[[str], None]) -> list[ReqRow]:
+    n = cfg.request_clients
+    rng = np.random.default_rng(cfg.seed + 3)
+    ids = [f"client-{i}" for i in range(n)]
+    insert = blocks_of(ids, rng.permutation(n))
+    warm = blocks_of(ids, rng.integers(0, n, cfg.warmup))
+    timed = blocks_of(ids, rng.integers(0, n, cfg.calls))
+    lat = blocks_of(ids, rng.integers(0, n, cfg.latency_calls))
+    cs = request_contenders()
+    rows = {c.name: ReqRow(c.name, c.policy) for c in cs}
+    for r in range(cfg.rounds):
+        for c in cs[r % len(cs) :] + cs[: r % len(cs)]:
+            t0 = pc()
+            built = c.build()
+            gc.collect()
+            t_ins, _ = run_blocks(built.call, insert)
+            built.prepare()
+            built.start()
+            try:
+                run_blocks(built.call, warm)
+                gc.collect()
+                elapsed, per_chunk = run_blocks(built.call, timed)
+                lats, ok = time_calls(built.call, lat)
+            finally:
+                built.stop()
+            drains, drain_s = built.report()
+            calls = sum(len(ch) for b in timed for ch in b)
+            arr = np.asarray(lats, dtype=np.float64) - overhead
+            sizes = [len(ch) for b in timed for ch in b]
+            s = ReqSample(
+                calls=calls,
+                rate=calls / (elapsed / 1e9),
+                chunk_rate=float(
+                    1e9 / np.median([ns / k for k, ns in zip(sizes, per_chunk, strict=True)])
+                ),
+                p50=float(np.percentile(arr, 50)),
+                p99=float(np.percentile(arr, 99)),
+                admitted=ok / len(lats),
+                insert_rate=n / (t_ins / 1e9),
+                drains=drains,
+                drain_ms=drain_s * 1e3,
+            )
+            rows[c.name].samples.append(s)
+            log(
+                f"  request round {r + 1}/{cfg.rounds} {c.name:<46} {s.rate / 1e6:6.3f} M/s "
+                f"(chunk median {s.chunk_rate / 1e6:6.3f})  p50 {s.p50:6.0f} ns  "
+                f"p99 {s.p99:6.0f} ns  admitted {s.admitted:6.1%}"
+                + (f"  {drains} drains, {s.drain_ms:.2f} ms each" if drains else "")
+                + f"  ({pc() - t0:.1f} s)"
+            )
+            del built
+    return list(rows.values())
+
+
+# -- 4. bytes on the wire --------------------------------------------------------------------------
+
+
+def lz4_size(data: bytes) -> int:
+    """Bytes after ``lz4.frame.compress`` (default level); -1 without the lz4 package."""
+    if lz4 is None:
+        return -1
+    return len(lz4.frame.compress(data))
+
+
+@dataclass
+class WireRow:
+    what: str
+    batches: int
+    records_per_batch: float
+    raw_per_record: float
+    lz4_per_record: float | None
+
+
+def wire_sizes(rows: list[AggRow]) -> list[WireRow]:
+    """Bytes per record of the usage batches and grant batches of the aggregator run."""
+    out: list[WireRow] = []
+    for kind in ("usage", "grants"):
+        for row in rows:
+            sizes = row.usage_sizes if kind == "usage" else row.grant_sizes
+            recs = sum(r for r, _, _ in sizes)
+            if not sizes or not recs:
+                continue
+            raw = sum(b for _, b, _ in sizes)
+            packed = [z for _, _, z in sizes]
+            out.append(
+                WireRow(
+                    f"{kind}, {row.dist}, {row.clients:,} clients, batch ~{row.batch:,}",
+                    len(sizes),
+                    recs / len(sizes),
+                    raw / recs,
+                    None if min(packed) < 0 else sum(packed) / recs,
+                )
+            )
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    mem = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 2**20:.0f} GiB"
+                break
+    except OSError:
+        pass
+    try:
+        clock = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        clocksource = clock.read_text().strip()
+    except OSError:
+        clocksource = "unknown"
+    digest = hashlib.sha256()
+    for pkg in ("limiter", "producer", "aggregator"):
+        for f in sorted((ROOT / pkg).glob("*.py")):
+            digest.update(f"{pkg}/{f.name}".encode() + b"\0" + f.read_bytes())
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": mem,
+        "python": f"{platform.python_version()} ({platform.python_implementation()})",
+        "numpy": np.__version__,
+        "lz4": getattr(lz4, "__version__", "?") if lz4 else "not installed",
+        "platform": platform.platform(),
+        "clocksource": clocksource,
+        "sources_sha256": digest.hexdigest()[:12],
+        "loadavg_start": loadavg(),
+    }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x / 1e6:.2f} M/s" if x >= 1e6 else f"{x / 1e3:.0f} k/s"
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2f}"
+
+
+def fmt_bytes(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+@dataclass
+class Results:
+    agg: list[AggRow]
+    seen: list[FirstSeen]
+    tick: TickResult
+    req: list[ReqRow]
+    wire_rows: list[WireRow]
+
+
+def agg_stats(row: AggRow) -> dict[str, float]:
+    return {
+        "decode": row.median(lambda s: s.records / s.decode_s),
+        "apply": row.median(lambda s: s.records / s.apply_s),
+        "tick": row.median(lambda s: statistics.median(s.tick_s)),
+        "grants": row.median(lambda s: statistics.median(s.grants_s)),
+        "total": row.median(lambda s: s.records / s.total_s),
+        "round_cpu": row.median(lambda s: s.total_s / len(s.tick_s)),
+        "tick_share": row.median(lambda s: (sum(s.tick_s) + sum(s.grants_s)) / s.total_s),
+        "records": row.median(lambda s: s.records / s.batches),
+        "pairs": row.median(lambda s: s.pairs),
+        "clients": row.median(lambda s: s.clients),
+    }
+
+
+METHOD = """\
+Single process, one thread (plus the agent's threads where a row says so), no broker: every
+message is built and read in memory, so these are CPU costs only. One run measures everything,
+so ratios compare numbers taken minutes apart on the same machine.
+
+- **Aggregator throughput.** One `PartitionState` as `Aggregator` builds it for a policy of
+  1,000 tokens per 10 s (default tick 100 ms, lease ttl 1 s: demand memory of 10 ticks; window
+  buckets of 78 ms). Client keys are random non-zero uint64 (what BLAKE2b keys look like). Four
+  servers each send one usage batch per *round* (100 ms of simulated aggregator clock, arrivals
+  spread over the round); each batch aggregates a server's requests of the round, drawn
+  uniformly or by Zipf (weight 1/rank) over the clients, as many draws as make a batch of
+  ~1,000 or ~10,000 distinct clients on average; counts above 3 tokens per client and round are
+  reported as `rejected`. The batches are built with `wire.usage_records` + `wire.encode_usage`
+  before timing. First every server reports every client once (*first seen*: an aggregator
+  that just took the partition over; all keys and (client, server) pairs are inserted). Then,
+  per workload, 10 untimed rounds (so the tick's demand history is this workload's) and the
+  timed rounds: `wire.decode_usage` and `PartitionState.apply` per batch, one
+  `PartitionState.tick` per round, and the tick's result split into one grant batch per server
+  and encoded (`wire.encode_grants`, as `Aggregator.tick` does: *grants*). *total* = records ÷
+  (decode + apply + tick + grants). Workloads of one key count share one state, interleaved in
+  rotating order per round; median of the rounds.
+- **Tick at scale.** Clients with demand at 1–4 servers each (uniformly many, random servers),
+  every (client, server) pair reporting demand once per 10 ticks, in a random tick of the cycle:
+  every tick's history holds every pair. After 10 untimed ticks, each timed tick gets its
+  cycle slot's reports (untimed) and is timed; alternate ticks run a copy of
+  `PartitionState.tick` with timers between its steps (checked against the real one on a small
+  state every run): *demand* (this tick's reports, unique + bincount), *history* (unique +
+  bincount over the 10 ticks), *clients* (unique of the pairs' clients), *used* (`ChargeRing.used`),
+  *water_fill*, and the rest. *advance* is `ChargeRing.advance` to the next round (clearing the
+  buckets passed, which the round's first `apply` otherwise does).
+- **Request path.** bench_local.py's loop (10,000 ids `client-{i}`, blocks of 1,000 calls with a
+  fresh `Request()`, timed chunks of 100, *chunk median*, per-call *p50*/*p99* with timer
+  overhead subtracted), 3 interleaved rounds, medians. Local mode: default `sliding_log` at
+  bench_local's 10 per 10 s (mostly refusals at this call rate, as there) and `gcra` at
+  1,000,000 per 100,000,000 s. Approximate mode at 1,000,000 per 100,000,000 s: each client's
+  first call (*first seen*, an optimistic cold start) is followed by `drain_usage()` +
+  `apply_grants()` installing a lease of 1,000,000 tokens for every client, so the timed calls
+  take the lease path. Variants: no background thread; a thread calling `drain_usage()` every
+  100 ms; `producer.Agent`'s reporter (drain + encode + send every 100 ms) and receiver on an
+  in-process bus; empty leases (every call refused from the lease). *× gcra* / *× sliding_log*
+  = local decisions/s ÷ contender decisions/s, same statistic (target for approximate: < 1.5×).
+- **Bytes on the wire.** Encoded size ÷ records, raw and compressed with `lz4.frame.compress`
+  (default, fast level) per message, about what confluent-kafka's `lz4` does to a batch of one
+  message (Kafka's record batch adds ~70 bytes per message, < 0.1 byte per record here). Usage
+  batches of each workload; grant batches of one steady-state tick of each workload.
+"""
+
+
+def report(
+    cfg: Config,
+    command: str,
+    facts: dict[str, str],
+    res: Results,
+    overhead: float,
+    seconds: float,
+) -> str:
+    lines = [
+        f"Command: `{command}` ({seconds:.0f} s wall, {time.strftime('%Y-%m-%d')}; "
+        f"limiter/ producer/ aggregator/ *.py sha256 {facts['sources_sha256']}).",
+        "",
+        f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory']}, "
+        f"{facts['platform']}; Python {facts['python']}, numpy {facts['numpy']}, lz4 "
+        f"{facts['lz4']}; clocksource {facts['clocksource']}, perf_counter_ns pair overhead "
+        f"{overhead:.0f} ns; load average {facts['loadavg_start']} at start, "
+        f"{facts['loadavg_end']} at end.",
+        "",
+        f"**1. Aggregator throughput** ({SERVERS} servers, one tick per round of {SERVERS} "
+        f"batches, {cfg.timed_rounds} timed rounds after {cfg.warm_rounds} untimed, median of "
+        f"{cfg.rounds} interleaved round(s)). *draws*: requests per server and round; "
+        "*records*: mean records per batch; *pairs*: (client, server) pairs in a tick "
+        "(= grant records); *CPU/round*: decode + apply + tick + grants per 100 ms round "
+        "(over 100 ms: the process cannot keep up). Target: ≥ 1,000,000 records/s.",
+        "",
+        "| workload | clients | draws | records | decode | apply | tick ms | grants ms "
+        "| pairs | clients in tick | total | CPU/round ms | tick + grants share |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for fs in res.seen:
+        lines.append(
+            f"| first seen (every key and pair new) | {fs.clients:,} | – | "
+            f"{wire.BATCH_RECORDS:,} | – | – | – | – | – | – | "
+            f"{fmt_rate(fs.records / fs.seconds)} | – | – |"
+        )
+    for row in res.agg:
+        a = agg_stats(row)
+        lines.append(
+            f"| {row.dist}, batch ~{row.batch:,} | {row.clients:,} | {row.requests:,} | "
+            f"{a['records']:,.0f} | {fmt_rate(a['decode'])} | {fmt_rate(a['apply'])} | "
+            f"{fmt_ms(a['tick'])} | {fmt_ms(a['grants'])} | {a['pairs']:,.0f} | "
+            f"{a['clients']:,.0f} | **{fmt_rate(a['total'])}** | {fmt_ms(a['round_cpu'])} | "
+            f"{a['tick_share']:.0%} |"
+        )
+    t = res.tick
+    whole = statistics.median(t.whole_s)
+    lines += [
+        "",
+        f"**2. One tick with {t.clients:,} active clients** ({t.pairs:,} (client, server) "
+        f"pairs with demand in the last 10 ticks; ring of {t.ring_columns} buckets per client; "
+        f"set up in {t.setup_s:.0f} s). Median of {len(t.whole_s)} whole ticks"
+        + (f" and of {len(t.parts)} ticks timed in parts" if t.parts else "")
+        + ". The tick is due every 100 ms.",
+        "",
+        "| step | ms | share |",
+        "|---|--:|--:|",
+        f"| `PartitionState.tick` (whole) | **{fmt_ms(whole)}** | |",
+    ]
+    if t.parts:
+        total_parts = sum(t.part(p) for p in PARTS)
+        labels = {
+            "advance": "ring advance (in the tick)",
+            "demand": "this tick's demand: concatenate, unique, bincount",
+            "history": "history of 10 ticks: concatenate, unique, bincount",
+            "clients": "clients of the pairs: unique",
+            "used": "`ChargeRing.used` (window use of each client)",
+            "budget": "budget and need",
+            "water_fill": "`water_fill`",
+            "update": "outstanding/held update, result",
+        }
+        for p in PARTS:
+            lines.append(f"| {labels[p]} | {fmt_ms(t.part(p))} | {t.part(p) / total_parts:.0%} |")
+        lines.append(f"| sum of the steps | {fmt_ms(total_parts)} | 100% |")
+    lines += [
+        f"| `ChargeRing.advance` by one round (clears the buckets passed, in `apply`) | "
+        f"{fmt_ms(statistics.median(t.advance_s))} | |",
+        f"| `PartitionState.compact` (every 100 ticks; nothing to drop) | "
+        f"{fmt_ms(t.compact_s)} | |",
+        "",
+        f"State arrays at {t.clients:,} clients: {fmt_bytes(t.state_bytes)} "
+        f"({t.state_bytes / t.clients:,.0f} B per client), of which the charge ring "
+        f"{fmt_bytes(t.ring_bytes)} and the pair index {fmt_bytes(t.pair_index_bytes)}.",
+        "",
+        f"**3. Request path** ({cfg.request_clients:,} clients, {cfg.warmup:,} warm-up, "
+        f"{cfg.calls:,} timed, {cfg.latency_calls:,} latency calls, median of {cfg.rounds} "
+        "interleaved round(s)). *decisions/s*: whole loop; *chunk median*: median "
+        f"{CHUNK}-call chunk; *× gcra*, *× sliding_log*: local ÷ contender, same statistic "
+        "(target for approximate: < 1.5×); *drain ms*: mean time of one `drain_usage()` "
+        "(or one agent report) in the background thread.",
+        "",
+        "| contender | policy | decisions/s | × gcra | chunk median | × gcra | × sliding_log "
+        "| p50 ns | p99 ns | admitted | first seen | drains | drain ms |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    by = {r.contender: r for r in res.req}
+    gcra = by["local, gcra"]
+    slog = by["local, sliding_log (default)"]
+    for r in res.req:
+        rate, chunk = r.median("rate"), r.median("chunk_rate")
+        drains = r.median("drains")
+        lines.append(
+            f"| {r.contender} | {r.policy} | {fmt_rate(rate)} | "
+            f"{gcra.median('rate') / rate:.2f}× | {fmt_rate(chunk)} | "
+            f"{gcra.median('chunk_rate') / chunk:.2f}× | "
+            f"{slog.median('chunk_rate') / chunk:.2f}× | {r.median('p50'):.0f} | "
+            f"{r.median('p99'):.0f} | {r.median('admitted'):.0%} | "
+            f"{fmt_rate(r.median('insert_rate'))} | "
+            + (f"{drains:.0f} | {r.median('drain_ms'):.2f} |" if drains else "– | – |")
+        )
+    lines += [
+        "",
+        "**4. Bytes on the wire** (encoded message ÷ records; *lz4*: `lz4.frame.compress` of "
+        "each message; usage: the timed batches of table 1, grants: the grant batches of the "
+        "last timed tick of each workload, one per server).",
+        "",
+        "| messages | batches | records per batch | raw B/record | lz4 B/record |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for w in res.wire_rows:
+        z = f"{w.lz4_per_record:.2f}" if w.lz4_per_record is not None else "lz4 not installed"
+        lines.append(
+            f"| {w.what} | {w.batches} | {w.records_per_batch:,.0f} | {w.raw_per_record:.2f} "
+            f"| {z} |"
+        )
+    lines += ["", "### Reading (generated from the numbers above)", ""]
+    lines += reading(res, cfg)
+    return "\n".join(lines) + "\n"
+
+
+def reading(res: Results, cfg: Config) -> list[str]:
+    out: list[str] = []
+    stats = [(row, agg_stats(row)) for row in res.agg]
+    if stats:
+        met = [f"{r.dist} ~{r.batch:,} at {r.clients:,}" for r, a in stats if a["total"] >= 1e6]
+        worst_row, worst = min(stats, key=lambda x: x[1]["total"])
+        best_row, best = max(stats, key=lambda x: x[1]["total"])
+        apply_lo = min(a["apply"] for _, a in stats)
+        apply_hi = max(a["apply"] for _, a in stats)
+        dec_lo = min(a["decode"] for _, a in stats)
+        out.append(
+            "- **Aggregator throughput (target ≥ 1M records/s).** "
+            + (f"Met for {', '.join(met)}; " if met else "Met by no workload; ")
+            + f"the range is {fmt_rate(worst['total'])} ({worst_row.dist}, batch "
+            f"~{worst_row.batch:,}, {worst_row.clients:,} clients) to "
+            f"{fmt_rate(best['total'])} ({best_row.dist}, ~{best_row.batch:,}, "
+            f"{best_row.clients:,}). Decoding is never the problem (≥ {fmt_rate(dec_lo)}: a "
+            f"header and one copy of the records); `apply` runs at {fmt_rate(apply_lo)}–"
+            f"{fmt_rate(apply_hi)}; the tick and its grant batches take "
+            f"{min(a['tick_share'] for _, a in stats):.0%}–"
+            f"{max(a['tick_share'] for _, a in stats):.0%} of the CPU. The tick's cost follows "
+            "the pairs with demand in the last 10 ticks, not the records of one round: in the "
+            f"slowest workload a round brings {SERVERS * worst['records']:,.0f} records but "
+            f"the tick sees {worst['pairs']:,.0f} pairs. "
+            + (
+                f"At {fmt_ms(worst['round_cpu'])} ms of CPU per 100 ms round the worst case "
+                "does not keep up with its own offered load."
+                if worst["round_cpu"] > ROUND
+                else "Every workload fits its 100 ms round."
+            )
+        )
+        for fs in res.seen:
+            out.append(
+                f"- **First seen** ({fs.clients:,} clients × {SERVERS} servers, every key new): "
+                f"{fmt_rate(fs.records / fs.seconds)}, {fs.seconds:.1f} s to take over such a "
+                "partition (key-index inserts with vectorised linear probing, and the charge "
+                "ring growing by doubling into fresh memory)."
+            )
+    t = res.tick
+    whole = statistics.median(t.whole_s)
+    text = f"- **Tick at {t.clients:,} active clients: {fmt_ms(whole)} ms**, " + (
+        f"{whole / ROUND:.1f}× the 100 ms tick interval: one aggregator process cannot "
+        "allocate that many active clients at the configured cadence."
+        if whole > ROUND
+        else f"{whole / ROUND:.0%} of the 100 ms tick interval."
+    )
+    if t.parts:
+        total_parts = sum(t.part(p) for p in PARTS)
+        ranked = sorted(PARTS, key=t.part, reverse=True)
+        text += (
+            " By step: "
+            + ", ".join(
+                f"{p} {fmt_ms(t.part(p))} ms ({t.part(p) / total_parts:.0%})" for p in ranked[:4]
+            )
+            + "."
+        )
+        if ranked[0] == "used":
+            row_bytes = t.ring_columns * 8
+            text += (
+                f" `ChargeRing.used` is `charges[rows][:, cols].sum(axis=1)`: the fancy index "
+                f"copies every listed client's whole row ({t.ring_columns} float64 = "
+                f"{row_bytes:,} B), then a second fancy index copies the columns again, about "
+                f"{2 * row_bytes * t.clients / 2**30:.1f} GiB of fresh temporaries per tick "
+                "before one sum."
+            )
+    out.append(text)
+    out.append(
+        f"- **Ring maintenance.** `ChargeRing.advance` costs "
+        f"{fmt_ms(statistics.median(t.advance_s))} ms per 100 ms round at {t.clients:,} "
+        f"clients (zeroing a strided column of the [clients × {t.ring_columns}] array per "
+        f"bucket passed); the ring is {t.ring_bytes / t.clients:,.0f} B per client "
+        f"({fmt_bytes(t.ring_bytes)}) of the state's {t.state_bytes / t.clients:,.0f} B."
+    )
+    by = {r.contender: r for r in res.req}
+    gcra = by["local, gcra"].median("chunk_rate")
+    slog = by["local, sliding_log (default)"].median("chunk_rate")
+    lease = by["approximate, lease"]
+    drain = by["approximate, lease + drain thread (100 ms)"]
+    agent = by["approximate, lease + producer.Agent threads"]
+    ratio = gcra / lease.median("chunk_rate")
+    out.append(
+        f"- **Request path (target: approximate < 1.5× local).** The lease path runs at "
+        f"{ratio:.2f}× local `gcra`'s time per call and "
+        f"{slog / lease.median('chunk_rate'):.2f}× the default `sliding_log`'s (chunk "
+        f"medians): {'met' if ratio < 1.5 else 'missed'}. With the background drain the "
+        f"whole-loop rate is {by['local, gcra'].median('rate') / drain.median('rate'):.2f}× "
+        f"`gcra`'s ({drain.median('drain_ms'):.2f} ms per `drain_usage()` of "
+        f"{cfg.request_clients:,} clients, every 100 ms: "
+        f"{drain.median('drain_ms') / (DRAIN_INTERVAL * 1e3):.1%} of the thread's time), and "
+        f"with the agent's two threads "
+        f"{by['local, gcra'].median('rate') / agent.median('rate'):.2f}× "
+        f"({agent.median('drain_ms'):.2f} ms per report: drain, records, encode, send)."
+    )
+    usage = [w for w in res.wire_rows if w.what.startswith("usage")]
+    grants = [w for w in res.wire_rows if w.what.startswith("grants")]
+    if usage and grants:
+        u_lz = [w.lz4_per_record for w in usage if w.lz4_per_record is not None]
+        g_lz = [w.lz4_per_record for w in grants if w.lz4_per_record is not None]
+        out.append(
+            f"- **Wire.** A usage record is {min(w.raw_per_record for w in usage):.2f}–"
+            f"{max(w.raw_per_record for w in usage):.2f} B raw"
+            + (f", {min(u_lz):.1f}–{max(u_lz):.1f} B after lz4" if u_lz else "")
+            + f"; a grant record {min(w.raw_per_record for w in grants):.2f}–"
+            f"{max(w.raw_per_record for w in grants):.2f} B raw"
+            + (f", {min(g_lz):.1f}–{max(g_lz):.1f} B after lz4" if g_lz else "")
+            + ". The 8-byte random keys do not compress; the small counts do. Every pair with "
+            "demand in the last 10 ticks gets a grant record at every tick (0 tokens included), "
+            "so grant records per second can exceed usage records per second several times "
+            "(compare *pairs* with 4 × *records* in table 1)."
+        )
+    return out
+
+
+def write_docs(text: str) -> None:
+    block = f"{START_MARK}\n{text}{END_MARK}"
+    if not DOC.exists():
+        DOC.parent.mkdir(parents=True, exist_ok=True)
+        DOC.write_text(f"# Benchmarks\n\n{block}\n")
+        return
+    doc = DOC.read_text()
+    start, end = doc.find(START_MARK), doc.find(END_MARK)
+    if start < 0 and end < 0:
+        DOC.write_text(doc.rstrip("\n") + "\n\n" + block + "\n")
+        return
+    if start < 0 or end < start:
+        raise SystemExit(f"{DOC}: markers {START_MARK} / {END_MARK} out of order")
+    DOC.write_text(doc[:start] + block + doc[end + len(END_MARK) :])
+
+
+def section(body: str) -> str:
+    """The whole docs section: heading, commands, method, then the results of this run."""
+    return (
+        "## Distributed path, CPU cost: `benchmarks/bench_distributed.py`\n\n"
+        "What the approximate mode costs in CPU: the aggregator per usage record and per tick, "
+        "the request path with leases next to local mode, and the bytes per record on the "
+        "wire.\n\n"
+        "```sh\n"
+        ".venv/bin/python benchmarks/bench_distributed.py               # full run (~6-8 min)\n"
+        ".venv/bin/python benchmarks/bench_distributed.py --quick       # smoke run, < 30 s\n"
+        ".venv/bin/python benchmarks/bench_distributed.py --write-docs  # full run, rewrites "
+        "this section\n"
+        "```\n\n"
+        "Options: `--rounds N`, `--json FILE` (raw numbers of every round), `-q` (no progress "
+        "on stderr). Tables go to stdout, progress to stderr.\n\n"
+        "### Method\n\n" + METHOD + "\n### Results\n\n" + body
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="short smoke run (< 30 s)")
+    p.add_argument("--write-docs", action="store_true", help=f"rewrite this section of {DOC}")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (median taken)")
+    p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    args = p.parse_args(argv)
+
+    if args.quick:
+        cfg = Config(
+            sizes=(100_000,),
+            batches=(1_000, 10_000),
+            dists=("uniform", "zipf"),
+            warm_rounds=10,
+            timed_rounds=3,
+            rounds=1,
+            tick_clients=100_000,
+            tick_timed=4,
+            calls=100_000,
+            warmup=10_000,
+            latency_calls=10_000,
+        )
+    else:
+        cfg = Config(
+            sizes=(100_000, 1_000_000),
+            batches=(1_000, 10_000),
+            dists=("uniform", "zipf"),
+            warm_rounds=10,
+            timed_rounds=5,
+            rounds=3,
+            tick_clients=1_000_000,
+            tick_timed=6,
+            calls=1_000_000,
+            warmup=100_000,
+            latency_calls=100_000,
+        )
+    if args.rounds:
+        cfg.rounds = args.rounds
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    command = "python benchmarks/bench_distributed.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
+    facts = machine()
+    log(f"{command}: {facts}")
+    t0 = pc()
+    overhead = timer_overhead_ns()
+    req = request_path(cfg, overhead, log)
+    log(f"  request path done at {pc() - t0:.0f} s")
+    agg, seen = aggregator_throughput(cfg, log)
+    log(f"  aggregator throughput done at {pc() - t0:.0f} s")
+    tick = tick_at_scale(cfg, log)
+    log(f"  tick at scale done at {pc() - t0:.0f} s")
+    wire_rows = wire_sizes(agg)
+    log(f"  wire sizes done at {pc() - t0:.0f} s")
+    res = Results(agg, seen, tick, req, wire_rows)
+    seconds = pc() - t0
+    facts["loadavg_end"] = loadavg()
+    text = report(cfg, command, facts, res, overhead, seconds)
+    print(text)
+    if args.json:
+        raw: dict[str, Any] = {
+            "machine": facts,
+            "config": asdict(cfg),
+            "aggregator": [asdict(r) for r in agg],
+            "first_seen": [asdict(f) for f in seen],
+            "tick": asdict(tick),
+            "request": [asdict(r) for r in req],
+            "wire": [asdict(w) for w in wire_rows],
+        }
+        args.json.write_text(json.dumps(raw, indent=1))
+    if args.write_docs:
+        write_docs(section(text))
+        log(f"wrote {DOC}")
+    n_threads = threading.active_count()
+    if n_threads > 1:
+        log(f"  note: {n_threads - 1} stray thread(s) still alive")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
