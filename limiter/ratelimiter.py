@@ -63,6 +63,12 @@ class Usage:
 
 _MAX_ID = MAX_CLIENT_ID_LENGTH
 
+ALLOW_REQUEST_DOC = """Admit (True) or refuse one request of ``client_id`` at ``request.timestamp``.
+
+The seed API's decision, thread-safe; ``check()`` says why. Built per limiter as a closure
+(``RateLimiter.allow_request`` is an instance attribute): the request path reads no attribute.
+"""
+
 
 def _tolerance(name: str, value: float | None) -> float:
     """A time tolerance in seconds; ``None`` disables the check (infinite tolerance)."""
@@ -116,8 +122,12 @@ class RateLimiter:
         "_table",
         "_w0",
         "_waits",
+        "allow_request",
         "policies",
     )
+
+    #: ``allow_request(client_id, request) -> bool``: see :data:`ALLOW_REQUEST_DOC`.
+    allow_request: Callable[[str, Request], bool]
 
     def __init__(
         self,
@@ -177,6 +187,7 @@ class RateLimiter:
         )
         self._shards = self._table.shards
         self._shard_mask = self._table.shard_mask
+        self.allow_request = self._build_allow_request()
 
     @classmethod
     def from_rates(cls, rates: str, **options: object) -> RateLimiter:
@@ -185,43 +196,59 @@ class RateLimiter:
 
     # -- the seed API --------------------------------------------------------------------------
 
-    def allow_request(self, client_id: str, request: Request) -> bool:
-        """Admit (True) or refuse one request of ``client_id`` at ``request.timestamp``."""
-        if type(client_id) is not str or not 0 < len(client_id) <= _MAX_ID:
-            client_id = validate_client_id(client_id)
-        now = request.timestamp
-        t = self._clock()
-        if now < t - self._max_age or now > t + self._max_skew:
-            return False
-        h = hash(client_id) or 1
-        shard = self._shards[h & self._shard_mask]
-        lock = shard.lock
-        lock.acquire()
-        try:
-            kv = shard.kv
-            mask = shard.mask
-            i = (h >> shard.shift) & mask
-            k = kv[i]
-            while k != h:  # linear probe; an empty slot means a new client
-                if not k:
-                    i = shard.slot(h, now)
-                    if i < 0:
-                        return False
-                    if self._keyed:
-                        self._set_key(shard, i, client_id)
-                    break
-                i = (i + 1) & mask
+    def _build_allow_request(self) -> Callable[[str, Request], bool]:
+        """The request path as a closure: everything it reads per call is a local constant."""
+        clock = self._clock
+        max_age = self._max_age
+        max_skew = self._max_skew
+        shards = self._shards
+        shard_mask = self._shard_mask
+        consume = self._consume1
+        consume_all = self._consume_all
+        width = self._w0
+        keyed = self._keyed
+        set_key = self._set_key
+        waits = self._waits
+        wait_for_lease = self._wait_for_lease
+
+        def allow_request(client_id: str, request: Request) -> bool:
+            if type(client_id) is not str or not 0 < len(client_id) <= _MAX_ID:
+                client_id = validate_client_id(client_id)
+            now = request.timestamp
+            t = clock()
+            if now < t - max_age or now > t + max_skew:
+                return False
+            h = hash(client_id) or 1
+            shard = shards[h & shard_mask]
+            lock = shard.lock
+            lock.acquire()
+            try:
+                kv = shard.kv
+                mask = shard.mask
+                i = (h >> shard.shift) & mask
                 k = kv[i]
-            consume = self._consume1
-            if consume is not None:
-                ok = consume(shard.v0, i * self._w0, now, 1)
-            else:
-                ok = self._consume_all(shard, i, now, 1)
-        finally:
-            lock.release()
-        if ok or not self._waits:
-            return ok
-        return self._wait_for_lease(client_id, 1).allowed
+                while k != h:  # linear probe; an empty slot means a new client
+                    if not k:
+                        i = shard.slot(h, now)
+                        if i < 0:
+                            return False
+                        if keyed:
+                            set_key(shard, i, client_id)
+                        break
+                    i = (i + 1) & mask
+                    k = kv[i]
+                if consume is not None:
+                    ok = consume(shard.v0, i * width, now, 1)
+                else:
+                    ok = consume_all(shard, i, now, 1)
+            finally:
+                lock.release()
+            if ok or not waits:
+                return ok
+            return wait_for_lease(client_id, 1).allowed
+
+        allow_request.__doc__ = ALLOW_REQUEST_DOC
+        return allow_request
 
     def clear_client(self, client_id: str) -> None:
         """Forget everything about ``client_id``: its next request starts with a full allowance."""
