@@ -3,6 +3,9 @@
 Subcommands:
 
 - ``drl aggregator run --limit "100/minute"``: one aggregator until SIGTERM (:mod:`aggregator.run`).
+- ``drl topics create|describe``: the usage and grant topics (:mod:`aggregator.topics`).
+- ``drl demo``: the whole system on this machine under a Zipf HTTP load, with a report
+  (:mod:`aggregator.demo`; ``--embedded``: one process, no Kafka).
 - ``drl smoke``: checks the wiring to Kafka and Redis end to end: produces a record with
   confluent-kafka to a fresh topic, consumes it with kafka-python, then does a Redis SET/GET and an
   EVALSHA of a small Lua script. Exit 0 on success, 1 with a message on failure.
@@ -23,8 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .demo import add_arguments as add_demo_arguments
+from .demo import cmd_demo
 from .run import add_arguments as add_run_arguments
 from .run import cmd_run
+from .topics import add_parser as add_topics_parser
 
 DEFAULT_KAFKA_PORT = 39092
 DEFAULT_REDIS_PORT = 36379
@@ -254,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = agg_sub.add_parser("run", help="run one aggregator until SIGTERM")
     add_run_arguments(run, default_kafka_bootstrap())
     run.set_defaults(func=cmd_run)
+    add_topics_parser(sub, default_kafka_bootstrap())
+
+    demo = sub.add_parser(
+        "demo",
+        help="the product end to end on this machine: aggregator + 4 app servers + HTTP load, "
+        "measured (--embedded: one process, no Kafka)",
+    )
+    add_demo_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -103,6 +103,8 @@ class Cluster:
             str(tick),
             "--stats-file",
             str(self.workdir / f"{name}.json"),
+            "--http-port",
+            "0",
             *(extra or []),
         ]
         return self._spawn(name, argv)
