@@ -67,6 +67,12 @@ class AgentStats:
     errors: int = 0
     last_error: str = ""
     offsets: dict[str, float] = field(default_factory=dict)
+    #: Totals of the usage drained from the limiter, in tokens (requests at cost 1): admitted
+    #: from leases, admitted outside them (cold start, degraded), refused, released unspent.
+    tokens_admitted: float = 0.0
+    tokens_extra: float = 0.0
+    tokens_rejected: float = 0.0
+    tokens_released: float = 0.0
 
 
 class _Offset:
@@ -164,6 +170,12 @@ class Agent:
         """Drain usage, send one batch per partition with records, heartbeats where due."""
         now = self.limiter.now()
         usage = self.limiter.drain_usage()
+        if len(usage):
+            stats = self.stats
+            stats.tokens_admitted += float(usage.admitted.sum())
+            stats.tokens_extra += float(usage.extra.sum())
+            stats.tokens_rejected += float(usage.rejected.sum())
+            stats.tokens_released += float(usage.released.sum())
         records = wire.usage_records(
             usage.keys, usage.admitted, usage.extra, usage.rejected, usage.released
         )

@@ -162,6 +162,19 @@ class ConfluentReceiver:
     def assignment(self) -> list[int]:
         return list(self.assigned)
 
+    def lag(self) -> dict[int, int]:
+        """Records between the position and the end of each assigned partition (the end as of
+        the last fetch: local, no broker round trip); partitions with no position yet are left
+        out. For metrics; never call it concurrently with :meth:`close`."""
+        out: dict[int, int] = {}
+        for tp in self._consumer.position(self._consumer.assignment()):
+            if tp.offset < 0:
+                continue
+            _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0:
+                out[tp.partition] = max(0, int(high) - int(tp.offset))
+        return out
+
     def commit(self) -> None:
         # nothing to commit yet, or rebalancing: the next commit covers it
         with contextlib.suppress(KafkaException):
