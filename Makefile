@@ -1,7 +1,7 @@
 # Entry points for developers and CI (.ci/run runs `make test`).
 #   make test           venv + deps, lint, then pytest with Kafka and Redis up
 #   make lint           ruff check, ruff format --check, mypy --strict
-#   make demo           `drl smoke` against the local services
+#   make demo           `drl demo` (docs/demo.md) against the local Kafka broker
 #   make bench          the benchmarks (benchmarks/, results in docs/benchmarks.md)
 #   make services-up    start the local Kafka (KRaft) broker and Redis (scripts/services)
 #   make services-down  stop them
@@ -43,7 +43,7 @@ test: lint
 	$(PY) scripts/with-services -- $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) scripts/with-services -- $(VENV)/bin/drl smoke
+	$(PY) scripts/with-services -s kafka -- $(VENV)/bin/drl demo
 
 # The benchmarks need the `bench` extra (the `limits` library, a peer to compare against).
 bench: $(STAMP)

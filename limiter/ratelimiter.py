@@ -169,8 +169,9 @@ class RateLimiter:
             self._algos = tuple(make_algorithm(p) for p in self.policies)
         self._keyed = self._lease is not None
         self._waits = self._lease is not None and self._lease.options.cold_start == "wait"
-        #: stable key -> client hash, for the clients in the last two usage drains
-        self._by_key: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        #: stable key -> client hash of every client whose usage was drained and that the table
+        #: still tracks (pruned lazily; rebuilt from the table when it grows past twice its size)
+        self._by_key: dict[int, int] = {}
         self._agent_lock = threading.Lock()
         self._consume1 = self._algos[0].consume if len(self._algos) == 1 else None
         self._w0 = self._algos[0].width
@@ -342,39 +343,51 @@ class RateLimiter:
             return Usage(np.zeros(0, dtype=np.uint64), empty, empty, empty, empty)
         keys = np.concatenate([p[0] for p in parts])
         counts = np.concatenate([p[2] for p in parts])
-        index = dict(
-            zip(keys.tolist(), np.concatenate([p[1] for p in parts]).tolist(), strict=True)
-        )
+        hashes = np.concatenate([p[1] for p in parts])
         with self._agent_lock:
-            self._by_key = (index, self._by_key[0])
+            self._by_key.update(zip(keys.tolist(), hashes.tolist(), strict=True))
+            if len(self._by_key) > 2 * max(len(self._table), 1024):
+                self._by_key = self._key_index()
         return Usage(keys.view(np.uint64), counts[:, 0], counts[:, 1], counts[:, 2], counts[:, 3])
 
     def apply_grants(self, keys: np.ndarray, tokens: np.ndarray, expiry: float) -> int:
         """Install leases of ``tokens`` until ``expiry`` (limiter clock) for stable ``keys``.
 
-        Only clients drained in the last two usage reports can be found; returns how many grants
-        were installed (the rest name clients this limiter no longer tracks).
+        Clients whose usage was never drained cannot be found; returns how many grants were
+        installed (the rest name clients this limiter does not track).
         """
         lease = self.lease
         now = self._clock()
-        with self._agent_lock:
-            recent, older = self._by_key
+        index = self._by_key
         installed = 0
         signed_keys = keys.astype(np.uint64).view(np.int64).tolist()
         for key, amount in zip(signed_keys, tokens.tolist(), strict=True):
-            h = recent.get(key)
+            h = index.get(key)
             if h is None:
-                h = older.get(key)
-                if h is None:
-                    continue
+                continue
             shard = self._shards[h & self._shard_mask]
             with shard.lock:
                 i = shard.find(h)
-                if i < 0:
-                    continue
-                lease.grant(shard.views[0], i * lease.width, float(amount), expiry, now)
+                if i >= 0:
+                    lease.grant(shard.views[0], i * lease.width, float(amount), expiry, now)
+            if i < 0:  # forgotten by the table since: forget it here too
+                with self._agent_lock:
+                    self._by_key.pop(key, None)
+                continue
             installed += 1
         return installed
+
+    def _key_index(self) -> dict[int, int]:
+        """stable key -> client hash of every tracked client that has a stable key."""
+        index: dict[int, int] = {}
+        for shard in self._shards:
+            with shard.lock:
+                rows = np.flatnonzero(shard.keys)
+                stable = shard.arrays[0].reshape(-1, WIDTH)[rows, KEY].view(np.int64)
+                hashes = shard.keys[rows]
+            known = stable != 0
+            index.update(zip(stable[known].tolist(), hashes[known].tolist(), strict=True))
+        return index
 
     def lease_info(self, client_id: str) -> tuple[float, float] | None:
         """``(tokens, seconds left)`` of the client's live lease here, else None."""

@@ -148,3 +148,20 @@ def test_the_wait_cold_start_holds_a_request_until_a_lease_arrives() -> None:
 
     limiter._sleep = sleep_then_grant  # type: ignore[misc]
     assert limiter.allow_request("a", Request(now[0]))
+
+
+def test_grants_reach_a_client_whose_usage_was_drained_long_ago() -> None:
+    """Keepalive grants for a sparse client arrive many reports after its last request."""
+    now = [1000.0]
+    limiter = RateLimiter(10, 10.0, mode="approximate", clock=lambda: now[0])
+    assert limiter.allow_request("sparse", Request(now[0]))
+    key = limiter.drain_usage().keys
+    for _ in range(50):  # five seconds of reports without any request of that client
+        now[0] += 0.1
+        assert len(limiter.drain_usage()) == 0
+    assert limiter.apply_grants(key, np.array([3]), now[0] + 1.0) == 1
+    assert limiter.lease_info("sparse") == (3.0, 1.0)
+    # a client the table forgot is dropped from the index, and never resurrected
+    limiter.clear_client("sparse")
+    assert limiter.apply_grants(key, np.array([3]), now[0] + 1.0) == 0
+    assert limiter.lease_info("sparse") is None
