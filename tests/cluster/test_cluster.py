@@ -114,12 +114,12 @@ def test_cluster_bound_and_utilisation(cluster: Cluster, measured: Callable[[str
     assert b <= 1.02 * LIMIT
     assert worst.max() <= b, worst
     assert (per_window[saturated] >= 0.9 * LIMIT).all(), per_window[saturated]
-    # unsaturated clients are not starved: the tail admits nearly all it offers (the share
-    # falls when this 2-core machine is loaded: reports and grants come later)
+    # unsaturated clients are not starved: the tail admits nearly all it offers (98.9% measured;
+    # the margin is for a loaded 2-core machine, where reports and grants come later)
     light = np.flatnonzero(mult <= 0.5)
     admitted_light = np.bincount(clients_all, minlength=CLIENTS)[light].sum()
     measured(
         f"clients under half their limit: {admitted_light}/{offered_all[light].sum()} admitted "
         f"({admitted_light / offered_all[light].sum():.1%})"
     )
-    assert admitted_light >= 0.85 * offered_all[light].sum()
+    assert admitted_light >= 0.95 * offered_all[light].sum()
