@@ -161,42 +161,14 @@ def test_traffic_shift_follows_within_three_ticks(
 def test_poison_messages_are_counted_and_skipped(loop: Callable[[int], Loop]) -> None:
     lp = loop(1)
     sender = lp.transport.sender()
-    valid = wire.encode_usage(
-        wire.UsageBatch(
-            "srv-x",
-            1,
-            5,
-            0.0,
-            0.1,
-            0,
-            0,
-            wire.usage_records(
-                np.array([7], dtype=np.uint64),
-                np.array([1.0]),
-                np.zeros(1),
-                np.zeros(1),
-                np.zeros(1),
-            ),
-        )
+    records = wire.usage_records(
+        np.array([7], dtype=np.uint64), np.array([1.0]), np.zeros(1), np.zeros(1), np.zeros(1)
     )
-    older = wire.encode_usage(
-        wire.UsageBatch(
-            "srv-x",
-            1,
-            4,
-            0.0,
-            0.1,
-            0,
-            0,
-            wire.usage_records(
-                np.array([7], dtype=np.uint64),
-                np.array([1.0]),
-                np.zeros(1),
-                np.zeros(1),
-                np.zeros(1),
-            ),
-        )
-    )
+
+    def batch(seq: int) -> bytes:
+        return wire.encode_usage(wire.UsageBatch("srv-x", 1, seq, 0.0, 0.1, 0, 0, records))
+
+    valid, older = batch(5), batch(4)
     unknown_version = valid[:3] + bytes([wire.VERSION + 1]) + valid[4:]
     partitions = lp.aggregator.partitions
     p = partitions[0]
