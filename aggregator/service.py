@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between allocation ticks.
 DEFAULT_TICK = 0.1
-#: Seconds a lease lives after its last grant, as a multiple of the tick.
+#: Seconds a lease lives after its last grant, as a multiple of the tick...
 DEFAULT_TTL_TICKS = 10.0
+#: ...and at least this many seconds.
+MIN_DEFAULT_TTL = 1.0
 #: A server not heard from for this many seconds no longer counts as active; its leases (which
 #: expire ``lease_ttl`` after their last grant, and it gets no more) are taken back.
 DEFAULT_SERVER_TIMEOUT = 3.0
@@ -88,7 +90,12 @@ class AggregatorConfig:
 
     @property
     def ttl(self) -> float:
-        return self.lease_ttl if self.lease_ttl is not None else DEFAULT_TTL_TICKS * self.tick
+        """Seconds a lease lives after its last grant: ``lease_ttl``, else the longer of
+        ``DEFAULT_TTL_TICKS`` ticks and ``MIN_DEFAULT_TTL`` (short ticks must not mean leases
+        that lapse between two grants)."""
+        if self.lease_ttl is not None:
+            return self.lease_ttl
+        return max(DEFAULT_TTL_TICKS * self.tick, MIN_DEFAULT_TTL)
 
     @property
     def bucket(self) -> float:

@@ -350,20 +350,31 @@ class RateLimiter:
                 self._by_key = self._key_index()
         return Usage(keys.view(np.uint64), counts[:, 0], counts[:, 1], counts[:, 2], counts[:, 3])
 
-    def apply_grants(self, keys: np.ndarray, tokens: np.ndarray, expiry: float) -> int:
+    def apply_grants(
+        self,
+        keys: np.ndarray,
+        tokens: np.ndarray,
+        expiry: float,
+        *,
+        unclaimed: list[int] | None = None,
+    ) -> int:
         """Install leases of ``tokens`` until ``expiry`` (limiter clock) for stable ``keys``.
 
         Clients whose usage was never drained cannot be found; returns how many grants were
-        installed (the rest name clients this limiter does not track).
+        installed (the rest name clients this limiter does not track). The indices of the
+        grants not installed are appended to ``unclaimed``: the agent reports their tokens as
+        released, so that the aggregator does not count them as outstanding.
         """
         lease = self.lease
         now = self._clock()
         index = self._by_key
         installed = 0
         signed_keys = keys.astype(np.uint64).view(np.int64).tolist()
-        for key, amount in zip(signed_keys, tokens.tolist(), strict=True):
+        for n, (key, amount) in enumerate(zip(signed_keys, tokens.tolist(), strict=True)):
             h = index.get(key)
             if h is None:
+                if unclaimed is not None:
+                    unclaimed.append(n)
                 continue
             shard = self._shards[h & self._shard_mask]
             with shard.lock:
@@ -373,6 +384,8 @@ class RateLimiter:
             if i < 0:  # forgotten by the table since: forget it here too
                 with self._agent_lock:
                     self._by_key.pop(key, None)
+                if unclaimed is not None:
+                    unclaimed.append(n)
                 continue
             installed += 1
         return installed

@@ -11,7 +11,9 @@ locks for the few microseconds of a drain:
   every ``heartbeat_interval`` so that aggregators know the server is alive.
 - the **receiver** reads this server's grant partition, drops batches addressed to other
   servers, duplicates and batches too late to use, converts each lease's expiry to the limiter's
-  clock and installs the leases.
+  clock and installs the leases. Grants it cannot install (a late batch, a client this server
+  no longer tracks) go back in the next usage batch as ``released``: the aggregator stops
+  counting them as outstanding.
 
 Clock conversion: for each aggregator epoch the agent keeps ``offset = min(received - issued)``
 over the last minute (the aggregator's clock plus the fastest delivery seen). A lease issued at
@@ -135,6 +137,9 @@ class Agent:
         self._leases_since_report = 0
         self._seen: dict[str, tuple[int, int]] = {}  # aggregator id -> (epoch, seq)
         self._offsets: dict[tuple[str, int], _Offset] = {}
+        #: grant records this server could not install, to report as released
+        self._unclaimed: list[np.ndarray] = []
+        self._unclaimed_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -179,6 +184,9 @@ class Agent:
         records = wire.usage_records(
             usage.keys, usage.admitted, usage.extra, usage.rejected, usage.released
         )
+        unclaimed = self._take_unclaimed()
+        if unclaimed.size:
+            records = np.concatenate((records, unclaimed))
         by_partition: dict[int, np.ndarray] = {}
         if records.size:
             parts = wire.usage_partitions(records["key"], self._usage_partitions)
@@ -283,15 +291,35 @@ class Agent:
         expiry = batch.issued_at + offset + batch.ttl
         if expiry <= now:
             self.stats.batches_late += 1
+            self._unclaim(batch.records)
             return False
         if batch.records.size:
+            missed: list[int] = []
             installed = self.limiter.apply_grants(
-                batch.records["key"], batch.records["tokens"], expiry
+                batch.records["key"], batch.records["tokens"], expiry, unclaimed=missed
             )
+            if missed:
+                self._unclaim(batch.records[missed])
             self.stats.grants_installed += installed
             self.stats.grants_unknown += int(batch.records.size) - installed
             self._leases_since_report += installed
         return True
+
+    def _unclaim(self, grants: np.ndarray) -> None:
+        """Grants not installed: report their tokens as released with the next usage batch."""
+        if grants.size:
+            with self._unclaimed_lock:
+                self._unclaimed.append(grants.copy())
+
+    def _take_unclaimed(self) -> np.ndarray:
+        """Usage records releasing the tokens of the grants not installed since the last call."""
+        with self._unclaimed_lock:
+            grants, self._unclaimed = self._unclaimed, []
+        if not grants:
+            return np.empty(0, dtype=wire.USAGE_RECORD)
+        g = np.concatenate(grants)
+        zero = np.zeros(g.size)
+        return wire.usage_records(g["key"], zero, zero, zero, g["tokens"].astype(np.float64))
 
     # -- threads -------------------------------------------------------------------------------
 

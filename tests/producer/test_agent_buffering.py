@@ -165,3 +165,29 @@ def test_grants_reach_a_client_whose_usage_was_drained_long_ago() -> None:
     limiter.clear_client("sparse")
     assert limiter.apply_grants(key, np.array([3]), now[0] + 1.0) == 0
     assert limiter.lease_info("sparse") is None
+
+
+def test_grants_that_cannot_be_installed_go_back_as_released() -> None:
+    """A grant for a client this server does not track (or a batch too late to use) is
+    reported as released, so the aggregator stops counting it as outstanding."""
+    _limiter, agent, sender, _now = make()
+    sender.up = True
+    bus = agent._transport
+    stranger = np.array([(12345, 7)], dtype=wire.GRANT_RECORD)
+    late = np.array([(777, 4)], dtype=wire.GRANT_RECORD)
+
+    def grants(seq: int, records: np.ndarray, issued: float) -> bytes:
+        return wire.encode_grants(wire.GrantBatch("agg", 1, seq, issued, 1.0, 1, "srv-1", records))
+
+    agent.receive_once(0)  # the receiver exists before anything is sent
+    bus.append(agent.grants_topic, agent._grant_partition, grants(1, stranger, 0.0))
+    bus.append(agent.grants_topic, agent._grant_partition, grants(2, late, -100.0))
+    assert agent.receive_once(0.5) == 1  # the late one is not applied
+    assert agent.stats.grants_unknown == 1 and agent.stats.batches_late == 1
+    agent.report_once()
+    released: dict[int, int] = {}
+    for m in sender.sent:
+        rec = wire.decode_usage(m).records
+        for key, tokens in zip(rec["key"].tolist(), rec["released"].tolist(), strict=True):
+            released[key] = released.get(key, 0) + tokens
+    assert released == {12345: 7, 777: 4}
