@@ -75,6 +75,13 @@ class ChargeRing:
         """Charges of each row in the buckets that reach into ``(now - window, ...]``."""
         assert self.current is not None, "advance() first"
         first = max(self.current - self.back, math.floor((now - self.window) / self.bucket))
+        used: np.ndarray
+        if first == self.current - self.back:  # every bucket counts: row sums
+            if 4 * rows.size > self.charges.shape[0]:
+                used = self.charges.sum(axis=1)[rows]
+            else:
+                used = self.charges[rows].sum(axis=1)
+            return used
         cols = np.arange(first, self.current + self.ahead + 1) % self.k
-        used: np.ndarray = self.charges[rows][:, cols].sum(axis=1)
+        used = self.charges[rows][:, cols].sum(axis=1)
         return used

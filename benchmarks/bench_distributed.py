@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 from aggregator.allocate import water_fill  # noqa: E402
 from aggregator.partition import NEED_FLOOR, NEED_TICKS, PartitionState  # noqa: E402
-from aggregator.service import AggregatorConfig  # noqa: E402
+from aggregator.service import Aggregator, AggregatorConfig  # noqa: E402
 from limiter import Policy, RateLimiter, Request  # noqa: E402
 from producer import wire  # noqa: E402
 from producer.agent import Agent  # noqa: E402
@@ -167,10 +167,16 @@ def grant_messages(
 
 
 def new_state() -> PartitionState:
-    """A partition as ``Aggregator`` builds it for ``AGG_POLICY`` with the default tick/ttl."""
-    c = AggregatorConfig(AGG_POLICY)
-    memory = max(1, math.ceil(c.ttl / c.tick))
-    return PartitionState(c.policy.limit, c.policy.window, c.bucket, memory)
+    """A partition exactly as ``Aggregator`` builds one for ``AGG_POLICY`` with the default tick
+    and lease ttl (its own ``_new_partition``, so that memory and keepalive follow the code)."""
+    aggregator = Aggregator(AggregatorConfig(AGG_POLICY), InProcessBus())
+    return aggregator._new_partition()
+
+
+def memory_of(state: PartitionState) -> tuple[int, int]:
+    """(ticks of demand history, ticks a pair keeps getting grants after its last demand)."""
+    memory = state._history.maxlen or 1
+    return memory, max(memory, int(getattr(state, "keepalive", memory)))
 
 
 # -- 1. aggregator throughput ----------------------------------------------------------------------
@@ -186,6 +192,7 @@ class AggSample:
     grants_s: list[float]  # per timed tick: split + encode of the grant batches
     pairs: float  # mean pairs in a timed tick (= grant records)
     clients: int  # clients in the last timed tick
+    advance_s: float = 0.0  # of apply_s: ChargeRing.advance (the ring's column clearing)
 
     @property
     def total_s(self) -> float:
@@ -263,11 +270,15 @@ def run_rounds(
             t0 = pc()
             batch = wire.decode_usage(data)
             t1 = pc()
+            # apply() first advances the ring to `arrive`; done here to time it on its own
+            state.ring.advance(arrive)
+            ta = pc()
             state.apply(batch.records, s, arrive, start)  # the interval ended at ``start``
             t2 = pc()
             if timed:
                 sample.decode_s += t1 - t0
                 sample.apply_s += t2 - t1
+                sample.advance_s += ta - t1
                 sample.records += int(batch.records.size)
                 sample.batches += 1
         now = start + ROUND
@@ -309,45 +320,68 @@ class Config:
     seed: int = 20240607
 
 
+def warm_keepalive(state: PartitionState, clock: Clock, records: list[np.ndarray]) -> None:
+    """Rounds older than the demand history but within the keepalive, applied at once and
+    allocated by one tick: their pairs are kept alive (and get grants) as in a steady state."""
+    for i, rec in enumerate(records):
+        state.apply(rec, i % SERVERS, clock.now, clock.now - ROUND)
+    clock.now += ROUND
+    state.tick(clock.now)
+
+
 def aggregator_throughput(
     cfg: Config, log: Callable[[str], None]
-) -> tuple[list[AggRow], list[FirstSeen]]:
+) -> tuple[list[AggRow], list[FirstSeen], tuple[int, int]]:
     rows: list[AggRow] = []
     seen: list[FirstSeen] = []
+    memory, keepalive = memory_of(new_state())
     for n in cfg.sizes:
         rng = np.random.default_rng(cfg.seed + n)
         keys = client_keys(n, rng)
-        clock = Clock()
-        state = new_state()
+        start = Clock()
+        base = new_state()
         gc.collect()
-        fs = first_seen(state, keys, clock)
+        fs = first_seen(base, keys, start)
         seen.append(fs)
         log(
             f"  aggregator n={n:>9,}: first seen {fs.records:,} records in {fs.seconds:.1f} s "
-            f"({fs.records / fs.seconds / 1e3:.0f} k/s)"
+            f"({fs.records / fs.seconds / 1e3:.0f} k/s); demand history {memory} ticks, "
+            f"keepalive {keepalive} ticks"
         )
-        work: list[tuple[AggRow, list[list[bytes]]]] = []
+        # one state per workload, warmed once: the older rounds within the keepalive, then
+        # `memory` rounds with a tick each; the interleaved rounds then continue each state
+        work: list[tuple[AggRow, PartitionState, Clock, list[list[bytes]]]] = []
         for dist in cfg.dists:
             for b in cfg.batches:
+                t0 = pc()
                 w = Workload(dist, keys, b)
-                total = cfg.warm_rounds + cfg.timed_rounds
+                older = [w.records(rng) for _ in range((keepalive - memory) * SERVERS)]
                 msgs = [
                     [usage_message(s, r, 0.0, w.records(rng)) for s in range(SERVERS)]
-                    for r in range(total)
+                    for r in range(memory + cfg.rounds * cfg.timed_rounds)
                 ]
                 row = AggRow(dist, n, b, w.requests)
                 row.usage_sizes = [
                     (wire.decode_usage(m).records.size, len(m), lz4_size(m))
-                    for round_msgs in msgs[cfg.warm_rounds :]
+                    for round_msgs in msgs[memory:]
                     for m in round_msgs
                 ]
-                work.append((row, msgs))
+                state = copy.deepcopy(base)
+                clock = Clock()
+                clock.now = start.now
+                warm_keepalive(state, clock, older)
+                del older
+                run_rounds(state, clock, msgs[:memory], memory, None)
+                work.append((row, state, clock, msgs[memory:]))
+                log(f"  aggregator n={n:>9,} {dist:<7} batch {b:>6,}: warmed in {pc() - t0:.1f} s")
+        del base
         for r in range(cfg.rounds):
             order = work[r % len(work) :] + work[: r % len(work)]
-            for row, msgs in order:
+            for row, state, clock, msgs in order:
                 t0 = pc()
                 gc.collect()
-                s = run_rounds(state, clock, msgs, cfg.warm_rounds, row)
+                block = msgs[r * cfg.timed_rounds : (r + 1) * cfg.timed_rounds]
+                s = run_rounds(state, clock, block, 0, row)
                 row.samples.append(s)
                 log(
                     f"  aggregator n={n:>9,} round {r + 1}/{cfg.rounds} {row.dist:<7} "
@@ -356,16 +390,26 @@ def aggregator_throughput(
                     f"{statistics.median(s.tick_s) * 1e3:7.1f} ms ({s.pairs:,.0f} pairs), "
                     f"total {s.records / s.total_s / 1e6:5.2f} M/s  ({pc() - t0:.1f} s)"
                 )
-        rows.extend(row for row, _ in work)
-        del state, work, keys
+        rows.extend(row for row, _, _, _ in work)
+        del work, keys
         gc.collect()
-    return rows, seen
+    return rows, seen, (memory, keepalive)
 
 
 # -- 2. the tick with a million active clients, and its parts -------------------------------------
 
 
-PARTS = ("advance", "demand", "history", "clients", "used", "budget", "water_fill", "update")
+PARTS = (
+    "advance",
+    "demand",
+    "history",
+    "keepalive",
+    "clients",
+    "used",
+    "budget",
+    "water_fill",
+    "update",
+)
 
 
 def tick_in_parts(
@@ -391,34 +435,41 @@ def tick_in_parts(
     self._history.append((cur_pairs, cur_amounts))
     t0 = pc()
     t["demand"] = t0 - t1
-    pairs, inverse = np.unique(np.concatenate([p for p, _ in self._history]), return_inverse=True)
-    if pairs.size == 0:
-        return (np.zeros(0, dtype=np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)), t
-    per_tick = np.bincount(
+    recent, inverse = np.unique(np.concatenate([p for p, _ in self._history]), return_inverse=True)
+    recent_rate = np.bincount(
         inverse.reshape(-1),
         weights=np.concatenate([a for _, a in self._history]),
-        minlength=pairs.size,
+        minlength=recent.size,
     ) / len(self._history)
     t1 = pc()
     t["history"] = t1 - t0
+    m = len(self.pairs)
+    pairs = np.flatnonzero(self.seen[:m] > self._ticks - self.keepalive)
+    self._ticks += 1
+    if pairs.size == 0:
+        return (np.zeros(0, dtype=np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)), t
+    per_tick = np.zeros(pairs.size)
+    per_tick[np.searchsorted(pairs, recent)] = recent_rate
+    t0 = pc()
+    t["keepalive"] = t0 - t1
     clients, group = np.unique(self.pair_client[pairs], return_inverse=True)
     group = group.reshape(-1)
-    t0 = pc()
-    t["clients"] = t0 - t1
-    used = self.ring.used(clients, now)
     t1 = pc()
-    t["used"] = t1 - t0
+    t["clients"] = t1 - t0
+    used = self.ring.used(clients, now)
+    t0 = pc()
+    t["used"] = t0 - t1
     budget = np.maximum(0.0, self.limit - used - self.held[clients])
     need = np.maximum(0.0, np.ceil(NEED_TICKS * per_tick) + NEED_FLOOR - self.outstanding[pairs])
-    t0 = pc()
-    t["budget"] = t0 - t1
-    tokens = water_fill(group, per_tick + 1.0, need, budget)
     t1 = pc()
-    t["water_fill"] = t1 - t0
+    t["budget"] = t1 - t0
+    tokens = water_fill(group, per_tick + 1.0, need, budget)
+    t0 = pc()
+    t["water_fill"] = t0 - t1
     self.outstanding[pairs] += tokens
     self.held[clients] += np.bincount(group, weights=tokens, minlength=clients.size)
     out = self.clients.slot_keys[clients[group]], self.pair_server[pairs], tokens
-    t["update"] = pc() - t1
+    t["update"] = pc() - t0
     return out, t
 
 
@@ -431,7 +482,7 @@ class TickScenario:
         rng = np.random.default_rng(seed)
         self.rng = rng
         self.state = new_state()
-        self.memory = self.state._history.maxlen or 1
+        self.memory, self.keepalive = memory_of(self.state)
         self.keys = client_keys(n, rng)
         per_client = rng.integers(1, SERVERS + 1, n)
         servers = np.argsort(rng.random((n, SERVERS)), axis=1)
@@ -467,12 +518,34 @@ def tick_copy_ok(seed: int) -> bool:
             b, _ = tick_in_parts(twin, sc.now)
             if not all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)):
                 return False
-            if not np.array_equal(sc.state.outstanding, twin.outstanding):
-                return False
+            for name in ("outstanding", "held", "seen"):
+                if not np.array_equal(getattr(sc.state, name), getattr(twin, name)):
+                    return False
             sc.now += ROUND
         return True
     except (AttributeError, TypeError, ValueError):  # the partition's internals changed
         return False
+
+
+def huge_page_share(arr: np.ndarray) -> float | None:
+    """Share of ``arr``'s resident memory on transparent huge pages (Linux), else None."""
+    lo, hi = arr.ctypes.data, arr.ctypes.data + arr.nbytes
+    rss = huge = 0
+    inside = False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head, _, rest = line.partition(" ")
+                if not head.endswith(":"):  # a mapping "start-end perms ..."
+                    start, _, end = head.partition("-")
+                    inside = int(start, 16) < hi and int(end, 16) > lo
+                elif inside and head == "Rss:":
+                    rss += int(rest.split()[0])
+                elif inside and head == "AnonHugePages:":
+                    huge += int(rest.split()[0])
+    except (OSError, ValueError):
+        return None
+    return huge / rss if rss else None
 
 
 def array_bytes(*objs: object) -> int:
@@ -495,10 +568,22 @@ class TickResult:
     whole_s: list[float]  # real PartitionState.tick
     parts: list[dict[str, float]] | None  # tick_in_parts, None if the copy is stale
     advance_s: list[float]  # ring.advance to the next round (clears the buckets passed)
+    advance_columns: int  # buckets passed in those advances
+    bucket_s: float
+    advance_warm_s: list[float]  # one bucket each, back to back (no tick in between)
+    ring_huge_pages: float | None  # share of the ring's resident memory on huge pages
+    kernel_share: float  # of a whole tick's CPU time (os.times), median
     compact_s: float
     state_bytes: int
     ring_bytes: int
     pair_index_bytes: int
+    memory: int
+    keepalive: int
+
+    def per_round_advance(self) -> float:
+        """Seconds of ``ChargeRing.advance`` per round: per bucket cleared x buckets per round."""
+        per_column = sum(self.advance_s) / max(1, self.advance_columns)
+        return per_column * ROUND / self.bucket_s
 
     def part(self, name: str) -> float:
         assert self.parts is not None
@@ -522,12 +607,16 @@ def tick_at_scale(cfg: Config, log: Callable[[str], None]) -> TickResult:
     whole: list[float] = []
     parts: list[dict[str, float]] = []
     advance: list[float] = []
+    kernel: list[float] = []  # share of each whole tick's CPU time spent in the kernel
+    columns = 0
     pairs = 0
     for j in range(cfg.tick_timed):
         gc.collect()
+        before = st.ring.current or 0
         t0 = pc()
-        st.ring.advance(sc.now - ROUND / 2)  # what the round's first apply() does
+        st.ring.advance(sc.now)  # what the round's first apply() does
         advance.append(pc() - t0)
+        columns += (st.ring.current or 0) - before
         sc.feed()
         in_parts = copy_ok and j % 2 == 1
         t0 = pc()
@@ -535,8 +624,14 @@ def tick_at_scale(cfg: Config, log: Callable[[str], None]) -> TickResult:
             (keys, _, _), p = tick_in_parts(st, sc.now)
             parts.append(p)
         else:
+            cpu0 = os.times()
             keys, _, _ = st.tick(sc.now)
             whole.append(pc() - t0)
+            cpu1 = os.times()
+            kernel.append(
+                (cpu1.system - cpu0.system)
+                / max(1e-9, cpu1.system - cpu0.system + cpu1.user - cpu0.user)
+            )
         pairs = keys.size
         log(
             f"  tick n={cfg.tick_clients:,} {j + 1}/{cfg.tick_timed}: {pc() - t0:.3f} s "
@@ -547,6 +642,14 @@ def tick_at_scale(cfg: Config, log: Callable[[str], None]) -> TickResult:
     t0 = pc()
     st.compact(sc.now)
     compact = pc() - t0
+    huge = huge_page_share(st.ring.charges)
+    # the same clearing back to back, one bucket at a time, without a tick in between
+    warm: list[float] = []
+    for _ in range(6):
+        nxt = ((st.ring.current or 0) + 1.5) * st.ring.bucket
+        t0 = pc()
+        st.ring.advance(nxt)
+        warm.append(pc() - t0)
     result = TickResult(
         clients=len(st),
         pairs=pairs,
@@ -555,10 +658,17 @@ def tick_at_scale(cfg: Config, log: Callable[[str], None]) -> TickResult:
         whole_s=whole,
         parts=parts if copy_ok else None,
         advance_s=advance,
+        advance_columns=columns,
+        bucket_s=st.ring.bucket,
+        advance_warm_s=warm,
+        kernel_share=float(statistics.median(kernel)) if kernel else 0.0,
+        ring_huge_pages=huge,
         compact_s=compact,
         state_bytes=array_bytes(st, st.ring, st.clients, st.pairs),
         ring_bytes=st.ring.charges.nbytes,
         pair_index_bytes=array_bytes(st.pairs),
+        memory=sc.memory,
+        keepalive=sc.keepalive,
     )
     del sc, st
     gc.collect()
@@ -573,7 +683,8 @@ Blocks = list[list[list[str]]]
 @dataclass
 class Built:
     call: Callable[[str, Request], bool]
-    prepare: Callable[[], None] = lambda: None  # after the first-seen pass, untimed
+    #: after the first-seen pass: installs leases; returns (drain s, apply_grants s, clients)
+    prepare: Callable[[], tuple[float, float, int]] = lambda: (0.0, 0.0, 0)
     start: Callable[[], None] = lambda: None  # background threads, before the warm-up
     stop: Callable[[], None] = lambda: None
     report: Callable[[], tuple[int, float]] = lambda: (0, 0.0)  # (drains, mean drain seconds)
@@ -594,12 +705,19 @@ def _local(algorithm: str) -> Callable[[], Built]:
     return build
 
 
-def _install_leases(rl: RateLimiter, tokens: float) -> None:
+def _install_leases(rl: RateLimiter, tokens: float) -> tuple[float, float, int]:
+    """Drain the first-seen usage and grant every client a lease: (drain s, grant s, clients)."""
+    t0 = pc()
     usage = rl.drain_usage()
+    t1 = pc()
+    amounts = np.full(usage.keys.size, tokens)
     expiry = rl.now() + 1e6
-    installed = rl.apply_grants(usage.keys, np.full(usage.keys.size, tokens), expiry)
+    t2 = pc()
+    installed = rl.apply_grants(usage.keys, amounts, expiry)
+    t3 = pc()
     if installed != usage.keys.size:
         raise RuntimeError(f"installed {installed} leases for {usage.keys.size} clients")
+    return t1 - t0, t3 - t2, installed
 
 
 def _approximate(background: str, tokens: float = LEASE_TOKENS) -> Callable[[], Built]:
@@ -619,9 +737,9 @@ def _approximate(background: str, tokens: float = LEASE_TOKENS) -> Callable[[], 
                 next_at = time.monotonic()
                 while not stop.is_set():
                     next_at += DRAIN_INTERVAL
-                    t0 = pc()
+                    t0 = time.thread_time()
                     rl.drain_usage()
-                    durations.append(pc() - t0)
+                    durations.append(time.thread_time() - t0)
                     stop.wait(max(0.0, next_at - time.monotonic()))
 
             thread = threading.Thread(target=loop, name="bench-drain", daemon=True)
@@ -636,9 +754,9 @@ def _approximate(background: str, tokens: float = LEASE_TOKENS) -> Callable[[], 
             report_once = agent.report_once
 
             def timed_report() -> None:
-                t0 = pc()
+                t0 = time.thread_time()
                 report_once()
-                durations.append(pc() - t0)
+                durations.append(time.thread_time() - t0)
 
             agent.report_once = timed_report  # type: ignore[method-assign]
 
@@ -728,6 +846,8 @@ class ReqSample:
     insert_rate: float
     drains: int
     drain_ms: float
+    drain_ns: float  # drain_usage() per client with usage, in the main thread, no contention
+    grant_ns: float  # apply_grants() per grant record
 
 
 @dataclass
@@ -756,7 +876,7 @@ def request_path(cfg: Config, overhead: float, log: Callable[[str], None]) -> li
             built = c.build()
             gc.collect()
             t_ins, _ = run_blocks(built.call, insert)
-            built.prepare()
+            drain_once, grant_once, leased = built.prepare()
             built.start()
             try:
                 run_blocks(built.call, warm)
@@ -781,6 +901,8 @@ def request_path(cfg: Config, overhead: float, log: Callable[[str], None]) -> li
                 insert_rate=n / (t_ins / 1e9),
                 drains=drains,
                 drain_ms=drain_s * 1e3,
+                drain_ns=drain_once / leased * 1e9 if leased else 0.0,
+                grant_ns=grant_once / leased * 1e9 if leased else 0.0,
             )
             rows[c.name].samples.append(s)
             log(
@@ -858,6 +980,11 @@ def machine() -> dict[str, str]:
         clocksource = clock.read_text().strip()
     except OSError:
         clocksource = "unknown"
+    try:
+        thp_path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+        thp = thp_path.read_text().strip()
+    except OSError:
+        thp = "unknown"
     digest = hashlib.sha256()
     for pkg in ("limiter", "producer", "aggregator"):
         for f in sorted((ROOT / pkg).glob("*.py")):
@@ -871,6 +998,7 @@ def machine() -> dict[str, str]:
         "lz4": getattr(lz4, "__version__", "?") if lz4 else "not installed",
         "platform": platform.platform(),
         "clocksource": clocksource,
+        "thp": thp,
         "sources_sha256": digest.hexdigest()[:12],
         "loadavg_start": loadavg(),
     }
@@ -903,6 +1031,8 @@ class Results:
     tick: TickResult
     req: list[ReqRow]
     wire_rows: list[WireRow]
+    memory: int  # ticks of demand history
+    keepalive: int  # ticks a pair gets grants after its last demand
 
 
 def agg_stats(row: AggRow) -> dict[str, float]:
@@ -911,6 +1041,8 @@ def agg_stats(row: AggRow) -> dict[str, float]:
         "apply": row.median(lambda s: s.records / s.apply_s),
         "tick": row.median(lambda s: statistics.median(s.tick_s)),
         "grants": row.median(lambda s: statistics.median(s.grants_s)),
+        "advance": row.median(lambda s: s.advance_s / len(s.tick_s)),
+        "apply_round": row.median(lambda s: s.apply_s / len(s.tick_s)),
         "total": row.median(lambda s: s.records / s.total_s),
         "round_cpu": row.median(lambda s: s.total_s / len(s.tick_s)),
         "tick_share": row.median(lambda s: (sum(s.tick_s) + sum(s.grants_s)) / s.total_s),
@@ -925,34 +1057,38 @@ Single process, one thread (plus the agent's threads where a row says so), no br
 message is built and read in memory, so these are CPU costs only. One run measures everything,
 so ratios compare numbers taken minutes apart on the same machine.
 
-- **Aggregator throughput.** One `PartitionState` as `Aggregator` builds it for a policy of
-  1,000 tokens per 10 s (default tick 100 ms, lease ttl 1 s: demand memory of 10 ticks; window
-  buckets of 78 ms). Client keys are random non-zero uint64 (what BLAKE2b keys look like). Four
-  servers each send one usage batch per *round* (100 ms of simulated aggregator clock, arrivals
-  spread over the round); each batch aggregates a server's requests of the round, drawn
-  uniformly or by Zipf (weight 1/rank) over the clients, as many draws as make a batch of
-  ~1,000 or ~10,000 distinct clients on average; counts above 3 tokens per client and round are
-  reported as `rejected`. The batches are built with `wire.usage_records` + `wire.encode_usage`
-  before timing. First every server reports every client once (*first seen*: an aggregator
-  that just took the partition over; all keys and (client, server) pairs are inserted). Then,
-  per workload, 10 untimed rounds (so the tick's demand history is this workload's) and the
-  timed rounds: `wire.decode_usage` and `PartitionState.apply` per batch, one
-  `PartitionState.tick` per round, and the tick's result split into one grant batch per server
-  and encoded (`wire.encode_grants`, as `Aggregator.tick` does: *grants*). *total* = records ÷
-  (decode + apply + tick + grants). Workloads of one key count share one state, interleaved in
-  rotating order per round; median of the rounds.
-- **Tick at scale.** Clients with demand at 1–4 servers each (uniformly many, random servers),
-  every (client, server) pair reporting demand once per 10 ticks, in a random tick of the cycle:
-  every tick's history holds every pair. After 10 untimed ticks, each timed tick gets its
-  cycle slot's reports (untimed) and is timed; alternate ticks run a copy of
-  `PartitionState.tick` with timers between its steps (checked against the real one on a small
-  state every run): *demand* (this tick's reports, unique + bincount), *history* (unique +
-  bincount over the 10 ticks), *clients* (unique of the pairs' clients), *used* (`ChargeRing.used`),
-  *water_fill*, and the rest. *advance* is `ChargeRing.advance` to the next round (clearing the
-  buckets passed, which the round's first `apply` otherwise does).
+- **Aggregator throughput.** One `PartitionState` as `Aggregator._new_partition` builds it for a
+  policy of 1,000 tokens per 10 s with the default tick (100 ms) and lease ttl (1 s): a demand
+  history of *memory* ticks, grants for a pair until *keepalive* ticks after its last demand,
+  window buckets of 78 ms (both printed with the results). Client keys are random non-zero
+  uint64 (what BLAKE2b keys look like). Four servers each send one usage batch per *round*
+  (100 ms of simulated aggregator clock, arrivals spread over the round); a batch aggregates a
+  server's requests of the round, drawn uniformly or by Zipf (weight 1/rank) over the clients,
+  as many draws as make ~1,000 or ~10,000 distinct clients per batch on average; counts above
+  3 tokens per client and round are reported as `rejected`. Batches are built with
+  `wire.usage_records` + `wire.encode_usage` before timing. First every server reports every
+  client once (*first seen*: an aggregator that just took the partition over; every key and
+  (client, server) pair is inserted). Each workload gets its own copy of that state, warmed
+  once: its rounds older than the demand history but within the keepalive are applied at once
+  and allocated by one tick (so that their pairs are kept alive, as in a steady state), then
+  *memory* rounds with a tick each. Timed rounds continue from there, fresh batches every
+  round: `wire.decode_usage` and `PartitionState.apply` per batch, one `PartitionState.tick`
+  per round, and its result split into one grant batch per server and encoded as
+  `Aggregator.tick` does (*grants*). *total* = records ÷ (decode + apply + tick + grants).
+  The workloads of one key count take turns in rotating order, a few timed rounds each per
+  interleaved round; median of the interleaved rounds.
+- **Tick at scale.** Clients with demand at 1–4 servers each (uniformly many, random servers);
+  each (client, server) pair reports demand once per *memory* ticks, in a random tick of the
+  cycle, so every pair is in every tick's demand history. After one cycle of untimed ticks,
+  each timed tick gets its cycle slot's reports (untimed) and is timed; alternate ticks run a
+  copy of `PartitionState.tick` with timers between its steps (checked against the real one on
+  a small state every run; left out when it no longer matches). The kernel's share of a
+  tick's CPU time (`os.times`) is mostly page faults on fresh temporaries. *advance*:
+  `ChargeRing.advance` to the next round (clearing the buckets passed, which the round's first
+  `apply` otherwise does), timed right after a tick as in the service loop, and back to back.
 - **Request path.** bench_local.py's loop (10,000 ids `client-{i}`, blocks of 1,000 calls with a
   fresh `Request()`, timed chunks of 100, *chunk median*, per-call *p50*/*p99* with timer
-  overhead subtracted), 3 interleaved rounds, medians. Local mode: default `sliding_log` at
+  overhead subtracted), interleaved rounds, medians. Local mode: default `sliding_log` at
   bench_local's 10 per 10 s (mostly refusals at this call rate, as there) and `gcra` at
   1,000,000 per 100,000,000 s. Approximate mode at 1,000,000 per 100,000,000 s: each client's
   first call (*first seen*, an optimistic cold start) is followed by `drain_usage()` +
@@ -963,8 +1099,7 @@ so ratios compare numbers taken minutes apart on the same machine.
   = local decisions/s ÷ contender decisions/s, same statistic (target for approximate: < 1.5×).
 - **Bytes on the wire.** Encoded size ÷ records, raw and compressed with `lz4.frame.compress`
   (default, fast level) per message, about what confluent-kafka's `lz4` does to a batch of one
-  message (Kafka's record batch adds ~70 bytes per message, < 0.1 byte per record here). Usage
-  batches of each workload; grant batches of one steady-state tick of each workload.
+  message (Kafka's record batch adds ~70 bytes per message, < 0.1 byte per record here).
 """
 
 
@@ -982,25 +1117,30 @@ def report(
         "",
         f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory']}, "
         f"{facts['platform']}; Python {facts['python']}, numpy {facts['numpy']}, lz4 "
-        f"{facts['lz4']}; clocksource {facts['clocksource']}, perf_counter_ns pair overhead "
-        f"{overhead:.0f} ns; load average {facts['loadavg_start']} at start, "
-        f"{facts['loadavg_end']} at end.",
+        f"{facts['lz4']}; clocksource {facts['clocksource']}, transparent huge pages "
+        f"{facts['thp']}; perf_counter_ns pair overhead {overhead:.0f} ns; load average "
+        f"{facts['loadavg_start']} at start, {facts['loadavg_end']} at end.",
         "",
         f"**1. Aggregator throughput** ({SERVERS} servers, one tick per round of {SERVERS} "
-        f"batches, {cfg.timed_rounds} timed rounds after {cfg.warm_rounds} untimed, median of "
+        f"batches; demand history {res.memory} ticks, keepalive {res.keepalive} ticks; "
+        f"{cfg.timed_rounds} timed rounds per workload per interleaved round, median of "
         f"{cfg.rounds} interleaved round(s)). *draws*: requests per server and round; "
-        "*records*: mean records per batch; *pairs*: (client, server) pairs in a tick "
-        "(= grant records); *CPU/round*: decode + apply + tick + grants per 100 ms round "
-        "(over 100 ms: the process cannot keep up). Target: ≥ 1,000,000 records/s.",
+        "*records*: mean records per batch; "
+        "*apply*: records ÷ `PartitionState.apply` time, including its `ChargeRing.advance` "
+        "(timed on its own: *of which advance*, per round); "
+        "*pairs*: (client, server) pairs allocated per tick (= grant records sent per tick); "
+        "*CPU/round*: decode + apply + tick + grants per 100 ms round (over 100: this process "
+        "cannot keep up with the load it is offered). Target: ≥ 1,000,000 records/s.",
         "",
-        "| workload | clients | draws | records | decode | apply | tick ms | grants ms "
-        "| pairs | clients in tick | total | CPU/round ms | tick + grants share |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| workload | clients | draws | records | decode | apply | of which advance ms/round "
+        "| tick ms | grants ms | pairs | clients in tick | total | CPU/round ms "
+        "| tick + grants share |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for fs in res.seen:
         lines.append(
             f"| first seen (every key and pair new) | {fs.clients:,} | – | "
-            f"{wire.BATCH_RECORDS:,} | – | – | – | – | – | – | "
+            f"{wire.BATCH_RECORDS:,} | – | – | – | – | – | – | – | "
             f"{fmt_rate(fs.records / fs.seconds)} | – | – |"
         )
     for row in res.agg:
@@ -1008,30 +1148,39 @@ def report(
         lines.append(
             f"| {row.dist}, batch ~{row.batch:,} | {row.clients:,} | {row.requests:,} | "
             f"{a['records']:,.0f} | {fmt_rate(a['decode'])} | {fmt_rate(a['apply'])} | "
-            f"{fmt_ms(a['tick'])} | {fmt_ms(a['grants'])} | {a['pairs']:,.0f} | "
+            f"{fmt_ms(a['advance'])} | {fmt_ms(a['tick'])} | {fmt_ms(a['grants'])} | "
+            f"{a['pairs']:,.0f} | "
             f"{a['clients']:,.0f} | **{fmt_rate(a['total'])}** | {fmt_ms(a['round_cpu'])} | "
             f"{a['tick_share']:.0%} |"
         )
     t = res.tick
     whole = statistics.median(t.whole_s)
+    huge = (
+        f"; {t.ring_huge_pages:.0%} of the ring on transparent huge pages"
+        if t.ring_huge_pages is not None
+        else ""
+    )
     lines += [
         "",
         f"**2. One tick with {t.clients:,} active clients** ({t.pairs:,} (client, server) "
-        f"pairs with demand in the last 10 ticks; ring of {t.ring_columns} buckets per client; "
-        f"set up in {t.setup_s:.0f} s). Median of {len(t.whole_s)} whole ticks"
+        f"pairs, all with demand in the last {t.memory} ticks; ring of {t.ring_columns} "
+        f"buckets per client{huge}; set up in {t.setup_s:.0f} s). Median of "
+        f"{len(t.whole_s)} whole ticks"
         + (f" and of {len(t.parts)} ticks timed in parts" if t.parts else "")
         + ". The tick is due every 100 ms.",
         "",
         "| step | ms | share |",
         "|---|--:|--:|",
-        f"| `PartitionState.tick` (whole) | **{fmt_ms(whole)}** | |",
+        f"| `PartitionState.tick` (whole; {t.kernel_share:.0%} of its CPU time in the kernel) "
+        f"| **{fmt_ms(whole)}** | |",
     ]
     if t.parts:
         total_parts = sum(t.part(p) for p in PARTS)
         labels = {
             "advance": "ring advance (in the tick)",
             "demand": "this tick's demand: concatenate, unique, bincount",
-            "history": "history of 10 ticks: concatenate, unique, bincount",
+            "history": f"demand history of {t.memory} ticks: concatenate, unique, bincount",
+            "keepalive": f"pairs kept alive ({t.keepalive} ticks): scan of every pair",
             "clients": "clients of the pairs: unique",
             "used": "`ChargeRing.used` (window use of each client)",
             "budget": "budget and need",
@@ -1041,9 +1190,13 @@ def report(
         for p in PARTS:
             lines.append(f"| {labels[p]} | {fmt_ms(t.part(p))} | {t.part(p) / total_parts:.0%} |")
         lines.append(f"| sum of the steps | {fmt_ms(total_parts)} | 100% |")
+    per_round = ROUND / t.bucket_s
     lines += [
-        f"| `ChargeRing.advance` by one round (clears the buckets passed, in `apply`) | "
-        f"{fmt_ms(statistics.median(t.advance_s))} | |",
+        f"| `ChargeRing.advance` per 100 ms round ({per_round:.2f} buckets of "
+        f"{t.bucket_s * 1e3:.0f} ms cleared), right after a tick as in the service loop | "
+        f"{fmt_ms(t.per_round_advance())} | |",
+        f"| the same, back to back without a tick in between | "
+        f"{fmt_ms(statistics.median(t.advance_warm_s) * per_round)} | |",
         f"| `PartitionState.compact` (every 100 ticks; nothing to drop) | "
         f"{fmt_ms(t.compact_s)} | |",
         "",
@@ -1055,8 +1208,8 @@ def report(
         f"{cfg.calls:,} timed, {cfg.latency_calls:,} latency calls, median of {cfg.rounds} "
         "interleaved round(s)). *decisions/s*: whole loop; *chunk median*: median "
         f"{CHUNK}-call chunk; *× gcra*, *× sliding_log*: local ÷ contender, same statistic "
-        "(target for approximate: < 1.5×); *drain ms*: mean time of one `drain_usage()` "
-        "(or one agent report) in the background thread.",
+        "(target for approximate: < 1.5×); *drain ms*: CPU time (`time.thread_time`) of one "
+        "`drain_usage()`, or of one agent report, in the background thread.",
         "",
         "| contender | policy | decisions/s | × gcra | chunk median | × gcra | × sliding_log "
         "| p50 ns | p99 ns | admitted | first seen | drains | drain ms |",
@@ -1077,11 +1230,16 @@ def report(
             f"{fmt_rate(r.median('insert_rate'))} | "
             + (f"{drains:.0f} | {r.median('drain_ms'):.2f} |" if drains else "– | – |")
         )
+    lease = by["approximate, lease"]
     lines += [
+        "",
+        f"Agent-side bulk calls (main thread, no contention, {cfg.request_clients:,} clients, "
+        f"median of the rounds): `drain_usage()` {lease.median('drain_ns'):,.0f} ns per client "
+        f"with usage, `apply_grants()` {lease.median('grant_ns'):,.0f} ns per grant record.",
         "",
         "**4. Bytes on the wire** (encoded message ÷ records; *lz4*: `lz4.frame.compress` of "
         "each message; usage: the timed batches of table 1, grants: the grant batches of the "
-        "last timed tick of each workload, one per server).",
+        "last timed tick of each workload, one per server; the largest client count).",
         "",
         "| messages | batches | records per batch | raw B/record | lz4 B/record |",
         "|---|--:|--:|--:|--:|",
@@ -1104,27 +1262,37 @@ def reading(res: Results, cfg: Config) -> list[str]:
         met = [f"{r.dist} ~{r.batch:,} at {r.clients:,}" for r, a in stats if a["total"] >= 1e6]
         worst_row, worst = min(stats, key=lambda x: x[1]["total"])
         best_row, best = max(stats, key=lambda x: x[1]["total"])
-        apply_lo = min(a["apply"] for _, a in stats)
-        apply_hi = max(a["apply"] for _, a in stats)
-        dec_lo = min(a["decode"] for _, a in stats)
+        over = [(r, a) for r, a in stats if a["round_cpu"] > ROUND]
+        amplification = max(a["pairs"] / (SERVERS * a["records"]) for _, a in stats)
         out.append(
             "- **Aggregator throughput (target ≥ 1M records/s).** "
             + (f"Met for {', '.join(met)}; " if met else "Met by no workload; ")
             + f"the range is {fmt_rate(worst['total'])} ({worst_row.dist}, batch "
             f"~{worst_row.batch:,}, {worst_row.clients:,} clients) to "
             f"{fmt_rate(best['total'])} ({best_row.dist}, ~{best_row.batch:,}, "
-            f"{best_row.clients:,}). Decoding is never the problem (≥ {fmt_rate(dec_lo)}: a "
-            f"header and one copy of the records); `apply` runs at {fmt_rate(apply_lo)}–"
-            f"{fmt_rate(apply_hi)}; the tick and its grant batches take "
-            f"{min(a['tick_share'] for _, a in stats):.0%}–"
-            f"{max(a['tick_share'] for _, a in stats):.0%} of the CPU. The tick's cost follows "
-            "the pairs with demand in the last 10 ticks, not the records of one round: in the "
-            f"slowest workload a round brings {SERVERS * worst['records']:,.0f} records but "
-            f"the tick sees {worst['pairs']:,.0f} pairs. "
+            f"{best_row.clients:,}). Decoding is never the problem "
+            f"(≥ {fmt_rate(min(a['decode'] for _, a in stats))}: a header and one copy of the "
+            f"records); `apply` runs at {fmt_rate(min(a['apply'] for _, a in stats))}–"
+            f"{fmt_rate(max(a['apply'] for _, a in stats))}, and its ring advance is "
+            f"{min(a['advance'] / a['apply_round'] for _, a in stats):.0%}–"
+            f"{max(a['advance'] / a['apply_round'] for _, a in stats):.0%} of it (clearing "
+            "ring columns costs the same whatever the batch size); the tick and its grant batches "
+            f"take {min(a['tick_share'] for _, a in stats):.0%}–"
+            f"{max(a['tick_share'] for _, a in stats):.0%} of the CPU. A tick allocates every "
+            f"pair with demand in the last {res.keepalive} ticks (the keepalive), not the "
+            f"records of one round: up to {amplification:.0f}× the records a round brings "
+            f"({worst_row.dist} ~{worst_row.batch:,} at {worst_row.clients:,}: "
+            f"{SERVERS * worst['records']:,.0f} records per round, {worst['pairs']:,.0f} pairs "
+            "per tick, each also a grant record on the wire). "
             + (
-                f"At {fmt_ms(worst['round_cpu'])} ms of CPU per 100 ms round the worst case "
-                "does not keep up with its own offered load."
-                if worst["round_cpu"] > ROUND
+                "Over 100 ms of CPU per 100 ms round, i.e. not keeping up with their own "
+                "offered load: "
+                + ", ".join(
+                    f"{r.dist} ~{r.batch:,} at {r.clients:,} ({fmt_ms(a['round_cpu'])} ms)"
+                    for r, a in over
+                )
+                + "."
+                if over
                 else "Every workload fits its 100 ms round."
             )
         )
@@ -1156,39 +1324,59 @@ def reading(res: Results, cfg: Config) -> list[str]:
         if ranked[0] == "used":
             row_bytes = t.ring_columns * 8
             text += (
-                f" `ChargeRing.used` is `charges[rows][:, cols].sum(axis=1)`: the fancy index "
-                f"copies every listed client's whole row ({t.ring_columns} float64 = "
-                f"{row_bytes:,} B), then a second fancy index copies the columns again, about "
-                f"{2 * row_bytes * t.clients / 2**30:.1f} GiB of fresh temporaries per tick "
-                "before one sum."
+                " `ChargeRing.used` is `charges[rows][:, cols].sum(axis=1)`: the first fancy "
+                f"index copies each listed client's whole row ({t.ring_columns} float64 = "
+                f"{row_bytes:,} B), the second copies it again in column order: about "
+                f"{2 * row_bytes * t.clients / 2**30:.1f} GiB of fresh temporaries per tick for "
+                f"one sum per client (`cols` is every column of the ring whenever the ring has "
+                "just been advanced to `now`, as the tick does)."
             )
     out.append(text)
+    per_round = ROUND / t.bucket_s
     out.append(
-        f"- **Ring maintenance.** `ChargeRing.advance` costs "
-        f"{fmt_ms(statistics.median(t.advance_s))} ms per 100 ms round at {t.clients:,} "
-        f"clients (zeroing a strided column of the [clients × {t.ring_columns}] array per "
-        f"bucket passed); the ring is {t.ring_bytes / t.clients:,.0f} B per client "
+        f"- **Ring maintenance.** `ChargeRing.advance` zeroes one strided column of the "
+        f"[rows × {t.ring_columns}] float64 array per bucket passed ({per_round:.2f} per "
+        f"round): {fmt_ms(t.per_round_advance())} ms per 100 ms round at {t.clients:,} clients "
+        f"right after a tick (caches and TLB cold), "
+        f"{fmt_ms(statistics.median(t.advance_warm_s) * per_round)} ms back to back, whatever "
+        f"the load. The ring is {t.ring_bytes / t.clients:,.0f} B per client "
         f"({fmt_bytes(t.ring_bytes)}) of the state's {t.state_bytes / t.clients:,.0f} B."
     )
     by = {r.contender: r for r in res.req}
-    gcra = by["local, gcra"].median("chunk_rate")
+    gcra = by["local, gcra"]
     slog = by["local, sliding_log (default)"].median("chunk_rate")
     lease = by["approximate, lease"]
     drain = by["approximate, lease + drain thread (100 ms)"]
     agent = by["approximate, lease + producer.Agent threads"]
-    ratio = gcra / lease.median("chunk_rate")
+    ratio = gcra.median("chunk_rate") / lease.median("chunk_rate")
+    grant_row, grant_stats = (
+        max(stats, key=lambda x: x[1]["pairs"]) if stats else (None, {"pairs": 0.0})
+    )
     out.append(
-        f"- **Request path (target: approximate < 1.5× local).** The lease path runs at "
+        f"- **Request path (target: approximate < 1.5× local).** The lease path takes "
         f"{ratio:.2f}× local `gcra`'s time per call and "
         f"{slog / lease.median('chunk_rate'):.2f}× the default `sliding_log`'s (chunk "
-        f"medians): {'met' if ratio < 1.5 else 'missed'}. With the background drain the "
-        f"whole-loop rate is {by['local, gcra'].median('rate') / drain.median('rate'):.2f}× "
-        f"`gcra`'s ({drain.median('drain_ms'):.2f} ms per `drain_usage()` of "
-        f"{cfg.request_clients:,} clients, every 100 ms: "
-        f"{drain.median('drain_ms') / (DRAIN_INTERVAL * 1e3):.1%} of the thread's time), and "
-        f"with the agent's two threads "
-        f"{by['local, gcra'].median('rate') / agent.median('rate'):.2f}× "
-        f"({agent.median('drain_ms'):.2f} ms per report: drain, records, encode, send)."
+        f"medians): {'met' if ratio < 1.5 else 'missed'}. Whole loops, which also pay for "
+        f"what the background threads take from the GIL: the lease path alone "
+        f"{gcra.median('rate') / lease.median('rate'):.2f}× `gcra`, with the drain thread "
+        f"{gcra.median('rate') / drain.median('rate'):.2f}× "
+        f"({drain.median('drain_ms'):.2f} ms of CPU per `drain_usage()` of "
+        f"{cfg.request_clients:,} clients every 100 ms: "
+        f"{drain.median('drain_ms') / (DRAIN_INTERVAL * 1e3):.1%} of a core), with the "
+        f"agent's two threads {gcra.median('rate') / agent.median('rate'):.2f}× "
+        f"({agent.median('drain_ms'):.2f} ms per report: drain, records, partition split, "
+        f"encode, send). Grants cost the agent {lease.median('grant_ns'):,.0f} ns per record "
+        "in `apply_grants()` (a Python loop under the GIL), and every tick sends each server "
+        "a record for every pair it has kept alive"
+        + (
+            f": with the largest grant batches of table 1 ({grant_row.dist} ~{grant_row.batch:,} "
+            f"at {grant_row.clients:,} clients, {grant_stats['pairs'] / SERVERS:,.0f} records "
+            f"per server per tick) that is "
+            f"{grant_stats['pairs'] / SERVERS * lease.median('grant_ns') / 1e6:,.0f} ms of the "
+            "receiver thread's GIL time per 100 ms tick."
+            if grant_row is not None
+            else "."
+        )
     )
     usage = [w for w in res.wire_rows if w.what.startswith("usage")]
     grants = [w for w in res.wire_rows if w.what.startswith("grants")]
@@ -1202,10 +1390,10 @@ def reading(res: Results, cfg: Config) -> list[str]:
             + f"; a grant record {min(w.raw_per_record for w in grants):.2f}–"
             f"{max(w.raw_per_record for w in grants):.2f} B raw"
             + (f", {min(g_lz):.1f}–{max(g_lz):.1f} B after lz4" if g_lz else "")
-            + ". The 8-byte random keys do not compress; the small counts do. Every pair with "
-            "demand in the last 10 ticks gets a grant record at every tick (0 tokens included), "
-            "so grant records per second can exceed usage records per second several times "
-            "(compare *pairs* with 4 × *records* in table 1)."
+            + ". The 8-byte random keys do not compress; the small counts do. Every pair kept "
+            "alive gets a grant record at every tick (0 tokens included), so the grant stream "
+            "is *pairs* × 10 records per second against 4 × *records* × 10 usage records "
+            "per second (table 1)."
         )
     return out
 
@@ -1234,7 +1422,7 @@ def section(body: str) -> str:
         "the request path with leases next to local mode, and the bytes per record on the "
         "wire.\n\n"
         "```sh\n"
-        ".venv/bin/python benchmarks/bench_distributed.py               # full run (~6-8 min)\n"
+        ".venv/bin/python benchmarks/bench_distributed.py               # full run (~4-5 min)\n"
         ".venv/bin/python benchmarks/bench_distributed.py --quick       # smoke run, < 30 s\n"
         ".venv/bin/python benchmarks/bench_distributed.py --write-docs  # full run, rewrites "
         "this section\n"
@@ -1257,7 +1445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         cfg = Config(
             sizes=(100_000,),
-            batches=(1_000, 10_000),
+            batches=(1_000,),
             dists=("uniform", "zipf"),
             warm_rounds=10,
             timed_rounds=3,
@@ -1274,7 +1462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batches=(1_000, 10_000),
             dists=("uniform", "zipf"),
             warm_rounds=10,
-            timed_rounds=5,
+            timed_rounds=3,
             rounds=3,
             tick_clients=1_000_000,
             tick_timed=6,
@@ -1298,13 +1486,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     overhead = timer_overhead_ns()
     req = request_path(cfg, overhead, log)
     log(f"  request path done at {pc() - t0:.0f} s")
-    agg, seen = aggregator_throughput(cfg, log)
+    agg, seen, (memory, keepalive) = aggregator_throughput(cfg, log)
     log(f"  aggregator throughput done at {pc() - t0:.0f} s")
     tick = tick_at_scale(cfg, log)
     log(f"  tick at scale done at {pc() - t0:.0f} s")
-    wire_rows = wire_sizes(agg)
+    wire_rows = wire_sizes([r for r in agg if r.clients == max(cfg.sizes)])
     log(f"  wire sizes done at {pc() - t0:.0f} s")
-    res = Results(agg, seen, tick, req, wire_rows)
+    res = Results(agg, seen, tick, req, wire_rows, memory, keepalive)
     seconds = pc() - t0
     facts["loadavg_end"] = loadavg()
     text = report(cfg, command, facts, res, overhead, seconds)
