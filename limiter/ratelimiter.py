@@ -146,6 +146,9 @@ class RateLimiter:
         mode: str = "local",
         lease_options: LeaseOptions | None = None,
     ) -> None:
+        if mode == "approximate" and algorithm is None:
+            # leases decide, not a local algorithm: name one without a limit cap
+            algorithm = "gcra"
         self.policies = _resolve_policies(
             max_requests, time_window_seconds, policies, algorithm, burst
         )

@@ -191,3 +191,10 @@ def test_grants_that_cannot_be_installed_go_back_as_released() -> None:
         for key, tokens in zip(rec["key"].tolist(), rec["released"].tolist(), strict=True):
             released[key] = released.get(key, 0) + tokens
     assert released == {12345: 7, 777: 4}
+
+
+def test_approximate_mode_takes_large_limits() -> None:
+    """The local sliding log caps limits at 4096; approximate mode does not use it."""
+    limiter = RateLimiter(1_000_000, 60.0, mode="approximate")
+    assert limiter.policies[0].limit == 1_000_000
+    assert limiter.allow_request("a", Request())  # cold start admits the first request
