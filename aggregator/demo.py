@@ -388,21 +388,13 @@ def _create_topics(admin: Any, names: list[str], partitions: int, timeout: float
     )
     for fut in futures.values():
         fut.result(timeout=timeout)
-    deadline = time.monotonic() + timeout
+    from producer.kafka_confluent import wait_for_leaders
+
     for name in names:
-        while True:
-            md = admin.list_topics(topic=name, timeout=10)
-            t = md.topics.get(name)
-            if (
-                t is not None
-                and t.error is None
-                and len(t.partitions) == partitions
-                and all(p.leader >= 0 for p in t.partitions.values())
-            ):
-                break
-            if time.monotonic() > deadline:
-                raise DemoError(f"topic {name}: partitions without a leader after {timeout}s")
-            time.sleep(0.1)
+        try:
+            wait_for_leaders(admin, name, partitions, timeout)
+        except TimeoutError as e:
+            raise DemoError(str(e)) from e
 
 
 def _delete_topics(admin: Any, names: list[str], group: str | None) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -127,20 +126,12 @@ def describe_topic(admin: Any, name: str, timeout: float) -> TopicInfo | None:
 
 
 def _wait_for_leaders(admin: Any, name: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        md = admin.list_topics(topic=name, timeout=min(10.0, timeout))
-        t = md.topics.get(name)
-        if (
-            t is not None
-            and t.error is None
-            and t.partitions
-            and all(p.leader >= 0 for p in t.partitions.values())
-        ):
-            return
-        if time.monotonic() > deadline:
-            raise TopicsError(f"topic {name}: partitions without a leader after {timeout:g} s")
-        time.sleep(0.1)
+    from producer.kafka_confluent import wait_for_leaders
+
+    try:
+        wait_for_leaders(admin, name, timeout=timeout)
+    except TimeoutError as e:
+        raise TopicsError(str(e)) from e
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -97,6 +98,28 @@ class ConfluentTransport:
             return len(future.result(timeout=15).partitions)
         except KafkaException as e:
             raise RuntimeError(f"topic {topic!r} is not available: {e}") from e
+
+
+def wait_for_leaders(
+    admin: Any, topic: str, partitions: int | None = None, timeout: float = 30.0
+) -> None:
+    """Wait until every partition of ``topic`` (``partitions`` of them, if given) has a leader;
+    :class:`TimeoutError` after ``timeout`` seconds. ``admin``: a confluent-kafka AdminClient."""
+    deadline = time.monotonic() + timeout
+    while True:
+        md = admin.list_topics(topic=topic, timeout=min(10.0, timeout))
+        t = md.topics.get(topic)
+        if (
+            t is not None
+            and t.error is None
+            and t.partitions
+            and (partitions is None or len(t.partitions) == partitions)
+            and all(p.leader >= 0 for p in t.partitions.values())
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {topic}: partitions without a leader after {timeout:g} s")
+        time.sleep(0.1)
 
 
 def _end(consumer: Any, topic: str, partition: int) -> int:

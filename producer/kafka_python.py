@@ -77,6 +77,9 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "heartbeat_interval_ms": 1000,
     "bootstrap_timeout_ms": 10000,
     "allow_auto_create_topics": False,
+    # a group subscribed to a topic created moments ago sees its partitions within seconds,
+    # not at the default 5-minute metadata refresh (and rebalances then)
+    "metadata_max_age_ms": 5000,
 }
 ADMIN_DEFAULTS: dict[str, Any] = {
     "request_timeout_ms": 10000,
@@ -86,7 +89,7 @@ ADMIN_DEFAULTS: dict[str, Any] = {
 TRANSPORT_DEFAULTS: dict[str, int] = {
     "max_queued_messages": 1000,
     "connect_wait_ms": 2000,
-    "position_timeout_ms": 10000,
+    "position_timeout_ms": 3000,  # per new partition, before on_assign (see _dispatch)
 }
 
 _PRODUCER_KEYS = frozenset(KafkaProducer.DEFAULT_CONFIG)

@@ -30,6 +30,7 @@ if str(REPO_ROOT / "scripts") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 import drl_services  # noqa: E402
+from producer.kafka_confluent import wait_for_leaders  # noqa: E402
 
 if TYPE_CHECKING:
     import redis
@@ -133,7 +134,7 @@ def unique_topic(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterat
         )
         futures[name].result(timeout=60)
         created.append(name)
-        _wait_for_leaders(admin, name, partitions)
+        wait_for_leaders(admin, name, partitions)
         return name
 
     yield make
@@ -145,25 +146,6 @@ def unique_topic(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterat
                 fut.result(timeout=60)
             except Exception as exc:  # teardown must not hide the test's result
                 print(f"warning: could not delete topic: {exc!r}", file=sys.stderr)
-
-
-def _wait_for_leaders(admin: Any, topic: str, partitions: int, timeout: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        md = admin.list_topics(topic=topic, timeout=10)
-        t = md.topics.get(topic)
-        if (
-            t is not None
-            and t.error is None
-            and len(t.partitions) == partitions
-            and all(p.leader >= 0 for p in t.partitions.values())
-        ):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"topic {topic}: partitions without a leader after {timeout}s")
-        time.sleep(0.1)
 
 
 @pytest.fixture

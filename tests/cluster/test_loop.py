@@ -21,6 +21,9 @@ from producer.transport import Transport
 from .harness import worst_window
 
 LIMIT, WINDOW, TICK = 60, 2.0, 0.1
+#: Seconds an aggregator may take to join its group and get its partitions.
+JOIN_TIMEOUT = 90.0
+joined: list[float] = []
 
 
 @dataclass
@@ -70,10 +73,13 @@ def loop(request: pytest.FixtureRequest) -> Iterator[Callable[[int], Loop]]:
         stop = threading.Event()
         thread = threading.Thread(target=agg.run, args=(stop,), daemon=True)
         thread.start()
-        deadline = time.monotonic() + 30
-        while not agg.partitions and time.monotonic() < deadline:
+        started = time.monotonic()
+        # kafka-python resolves each new partition's position before it reports the assignment:
+        # seconds per partition on a busy broker
+        while not agg.partitions and time.monotonic() < started + JOIN_TIMEOUT:
             time.sleep(0.05)
-        assert agg.partitions, "aggregator got no partitions"
+        assert agg.partitions, f"aggregator got no partitions in {JOIN_TIMEOUT} s"
+        joined.append(time.monotonic() - started)
         limiters = [
             RateLimiter(
                 LIMIT,
@@ -94,6 +100,8 @@ def loop(request: pytest.FixtureRequest) -> Iterator[Callable[[int], Loop]]:
     yield make
     for lp in made:
         lp.close()
+    if joined:
+        print(f"\n{request.param}: aggregator joined its group in {joined[-1]:.1f} s")
 
 
 def drive(

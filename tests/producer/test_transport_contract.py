@@ -336,7 +336,7 @@ def test_receivers_close_promptly(env: Env) -> None:
     for r in (fixed, group):
         start = time.monotonic()
         env.close(r)
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 30  # a hang, not a slow leave on a busy broker
 
 
 @pytest.mark.integration
