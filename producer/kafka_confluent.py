@@ -122,10 +122,31 @@ def wait_for_leaders(
         time.sleep(0.1)
 
 
-def _end(consumer: Any, topic: str, partition: int) -> int:
-    """The partition's end offset (high watermark) now."""
-    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-    return int(high)
+#: Errors a partition reports while its leader is being elected (a topic created moments ago).
+_NOT_READY = frozenset(
+    (
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    )
+)
+
+
+def _end(consumer: Any, topic: str, partition: int, timeout: float = 10.0) -> int:
+    """The partition's end offset (high watermark) now; retried while its leader is elected."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=timeout
+            )
+            return int(high)
+        except KafkaException as e:
+            err = e.args[0] if e.args else None
+            code = err.code() if isinstance(err, KafkaError) else None
+            if code not in _NOT_READY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 class ConfluentSender:
