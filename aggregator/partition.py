@@ -75,7 +75,6 @@ class PartitionState:
         self.outstanding = np.zeros(1024)  # pair slot -> tokens granted, not yet reported
         self.seen = np.full(1024, _NEVER, dtype=np.int64)  # pair slot -> tick of last demand
         self.keepalive = max(memory, keepalive or memory)
-        self._memory = max(1, memory)
         self._ticks = 0
         self._demand: list[tuple[np.ndarray, np.ndarray]] = []
         #: (pairs, tokens) wanted in each of the last ``memory`` ticks, newest last
@@ -191,7 +190,8 @@ class PartitionState:
         # Every pair with recent demand hears from us each tick (an empty grant still says
         # "limited" and keeps its lease alive); a pair only kept alive hears when it gets tokens,
         # and otherwise every memory/2 ticks (staggered), often enough to keep its lease alive.
-        refresh = (pairs + self._ticks) % max(1, self._memory // 2) == 0
+        memory = self._history.maxlen or 1
+        refresh = (pairs + self._ticks) % max(1, memory // 2) == 0
         send = (tokens > 0) | (per_tick > 0) | refresh
         pairs, group, tokens = pairs[send], group[send], tokens[send]
         return self.clients.slot_keys[clients[group]], self.pair_server[pairs], tokens
