@@ -143,6 +143,14 @@ class AggregatorCollector(Collector):
             "Usage records that raised while applied, or came from servers beyond the limit.",
             s.errors,
         )
+        yield _counter(
+            "drl_aggregator_usage_replayed_records",
+            "Usage records replayed into the windows of newly assigned partitions (rebuilds).",
+            s.replayed_records,
+        )
+        yield _counter(
+            "drl_aggregator_rebuilds", "Newly assigned partitions rebuilt and granting.", s.rebuilds
+        )
         yield _counter("drl_aggregator_ticks", "Allocation ticks run.", s.ticks)
         yield _gauge(
             "drl_aggregator_last_tick_duration_seconds",
@@ -178,6 +186,12 @@ class AggregatorCollector(Collector):
             "drl_aggregator_partitions_owned",
             "Usage partitions this aggregator owns (assigned by the consumer group).",
             len(agg.partitions),
+        )
+        yield _gauge(
+            "drl_aggregator_partitions_rebuilding",
+            "Owned usage partitions not granting yet: replaying the window, or waiting one lease "
+            "TTL for the previous owner's leases to expire.",
+            len(agg.rebuilding()),
         )
         yield _gauge(
             "drl_aggregator_active_servers",

@@ -105,12 +105,20 @@ class PartitionState:
         return slots
 
     def apply(
-        self, records: np.ndarray, server: int, now: float, admitted_by: float | None = None
+        self,
+        records: np.ndarray,
+        server: int,
+        now: float,
+        admitted_by: float | None = None,
+        *,
+        replay: bool = False,
     ) -> None:
         """Fold one usage batch's records (``producer.wire.USAGE_RECORD``) in at ``now``.
 
         ``admitted_by`` (<= now) is a time no admission of the batch can be later than (its
         interval's end on the aggregator's clock); admissions are charged then (default: now).
+        ``replay``: a batch from before this state existed (a rebuild): charged to the window
+        only, neither demand nor a return of outstanding tokens.
         """
         if records.size == 0:
             return
@@ -122,7 +130,11 @@ class PartitionState:
         self.last_active = _grow(self.last_active, n)
         admitted = records["admitted"].astype(np.float64)
         extra = records["extra"].astype(np.float64)
-        self.ring.charge(clients, admitted + extra, now if admitted_by is None else admitted_by)
+        at = now if admitted_by is None else admitted_by
+        self.ring.charge(clients, admitted + extra, at)
+        if replay:
+            np.maximum.at(self.last_active, clients, at)
+            return
         pairs = self._pair_slots(clients, server)
         # one row per pair: a key may come in several records (split counts, merged retries)
         pairs, inverse = np.unique(pairs, return_inverse=True)
@@ -145,10 +157,11 @@ class PartitionState:
             self.seen[pairs[wanted]] = self._ticks
         self.last_active[clients] = now
 
-    def tick(self, now: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def tick(self, now: float, *, grant: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Allocate: ``(keys, servers, tokens)`` for every (client, server) pair with demand.
 
         A pair may get 0 tokens: its lease then stays as it is (empty means "limited").
+        ``grant=False`` (a partition being rebuilt) keeps the demand history and grants nothing.
         """
         self.ring.advance(now)
         if self._demand:
@@ -174,7 +187,7 @@ class PartitionState:
         m = len(self.pairs)
         pairs = np.flatnonzero(self.seen[:m] > self._ticks - self.keepalive)
         self._ticks += 1
-        if pairs.size == 0:
+        if pairs.size == 0 or not grant:
             return np.zeros(0, dtype=np.uint64), _EMPTY_I, _EMPTY_I
         per_tick = np.zeros(pairs.size)
         per_tick[np.searchsorted(pairs, recent)] = recent_rate

@@ -544,6 +544,13 @@ class ServiceState:
                 "aggregators than the usage topic has partitions"
             )
             return False, {"ready": False, "reason": reason, **base}
+        rebuilding = agg.rebuilding()
+        if rebuilding:
+            reason = (
+                f"rebuilding usage partitions {rebuilding}: replaying the last window, or "
+                "waiting one lease TTL for the previous owner's leases to expire"
+            )
+            return False, {"ready": False, "reason": reason, "rebuilding": rebuilding, **base}
         return True, {"ready": True, **base}
 
     def broker_up(self) -> bool:
@@ -615,9 +622,15 @@ class _CapturingTransport:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
+        rewind: float | None = None,
     ) -> Receiver:
         r = self.inner.receiver(
-            topic, partitions=partitions, group=group, on_assign=on_assign, on_revoke=on_revoke
+            topic,
+            partitions=partitions,
+            group=group,
+            on_assign=on_assign,
+            on_revoke=on_revoke,
+            rewind=rewind,
         )
         self.receivers.append(r)
         return r

@@ -12,6 +12,17 @@ it; a step back smaller than that can make a charge up to ``OFFSET_STEP`` early.
 :meth:`Aggregator.server_offsets` exposes the estimates (a server whose clock is 5 s fast
 shows +5 s).
 
+A newly assigned partition is **rebuilt** before it is granted from (``rebuild``, on by
+default): the consumer starts it at the first record appended at or after
+``now - window - rewind margin`` (Kafka's ``offsets_for_times``), the records older than the
+assignment are *replayed* into the window only (charged at their interval's end when the
+server's clock offset is known, else at their Kafka timestamp; no demand, no outstanding), and
+the partition grants nothing until (1) it is caught up (a record appended after the assignment
+arrived, or nothing arrived for ``server_timeout``) and, (2) if the replay found any usage, one
+lease TTL after the assignment: by then every lease the previous owner granted has expired, so
+the new owner never grants on top of tokens it cannot see. Meanwhile servers spend the leases
+they hold, then fall back to their cold-start allowance. docs/failure-modes.md has the bound.
+
 Usage batches are applied at most once per (server, incarnation, partition): a batch whose
 sequence number is not above the last one applied is a duplicate or out of order and is skipped
 (counted). A malformed message is counted, logged and skipped.
@@ -53,6 +64,9 @@ DEFAULT_SERVER_TIMEOUT = 3.0
 MAX_KEEPALIVE_TICKS = 600
 #: Consumer group of the aggregators.
 DEFAULT_GROUP = "drl-aggregators"
+#: A rebuild rewinds the usage topic by the window plus this many seconds (at least one lease
+#: TTL): batches from servers whose clocks run late, and the demand behind leases still live.
+REWIND_MARGIN = 10.0
 
 
 def _default_id() -> str:
@@ -71,6 +85,8 @@ class AggregatorConfig:
     grants_topic: str = GRANTS_TOPIC
     group: str = DEFAULT_GROUP
     aggregator_id: str = field(default_factory=_default_id)
+    #: Rebuild a newly assigned partition's window from the usage topic before granting.
+    rebuild: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tick", "server_timeout"):
@@ -104,6 +120,13 @@ class AggregatorConfig:
         raw = max(self.tick / 2, self.policy.window / 128)
         return self.policy.window / math.ceil(self.policy.window / raw)
 
+    @property
+    def rewind(self) -> float | None:
+        """Seconds of the usage topic a rebuild replays (None: no rebuild)."""
+        if not self.rebuild:
+            return None
+        return self.policy.window + max(REWIND_MARGIN, self.ttl)
+
 
 @dataclass
 class AggregatorStats:
@@ -119,6 +142,9 @@ class AggregatorStats:
     produce_errors: int = 0
     errors: int = 0
     malformed_reasons: dict[str, int] = field(default_factory=dict)
+    #: usage records replayed into rebuilt partitions' windows, and partitions rebuilt
+    replayed_records: int = 0
+    rebuilds: int = 0
 
 
 #: Seconds one window of the server clock-offset estimate lasts (the estimate spans two).
@@ -140,6 +166,10 @@ class _Server:
         # (current window max, previous window max, window start)
         self.offset = (-math.inf, -math.inf, -math.inf)
 
+    def estimate(self) -> float:
+        """The current offset estimate (-inf before the first sample)."""
+        return max(self.offset[0], self.offset[1])
+
     def observe_offset(self, sample: float, now: float) -> float:
         """Fold in ``end - received``; return the estimate (max over about a minute)."""
         current, previous, since = self.offset
@@ -150,6 +180,23 @@ class _Server:
         current = max(current, sample)
         self.offset = (current, previous, since)
         return max(current, previous)
+
+
+class _Rebuild:
+    """A newly assigned partition that does not grant yet (see the module docstring)."""
+
+    __slots__ = ("assigned", "last_replay", "live", "replayed", "wall")
+
+    def __init__(self, assigned: float) -> None:
+        self.assigned = assigned  # aggregator clock
+        self.wall = time.time()  # records appended before this are history
+        self.last_replay = assigned
+        self.replayed = 0  # usage records replayed
+        self.live = False  # a record appended after the assignment arrived
+
+    def done(self, now: float, server_timeout: float, ttl: float) -> bool:
+        caught_up = self.live or now - self.last_replay >= server_timeout
+        return caught_up and (self.replayed == 0 or now >= self.assigned + ttl)
 
 
 class Aggregator:
@@ -171,6 +218,7 @@ class Aggregator:
         self._servers: dict[str, _Server] = {}
         self._by_index: list[_Server] = []
         self._partitions: dict[int, PartitionState] = {}
+        self._rebuilding: dict[int, _Rebuild] = {}
         self._lock = threading.Lock()
         self._grant_partitions = transport.partitions(config.grants_topic)
         self._sender = transport.sender()
@@ -179,6 +227,7 @@ class Aggregator:
             group=config.group,
             on_assign=self._assigned,
             on_revoke=self._revoked,
+            rewind=config.rewind,
         )
         self._next_tick = clock()
         self._ticks_since_compact = 0
@@ -186,16 +235,29 @@ class Aggregator:
     # -- membership of partitions --------------------------------------------------------------
 
     def _assigned(self, partitions: list[int]) -> None:
+        now = self._clock()
         with self._lock:
             for p in partitions:
-                self._partitions.setdefault(p, self._new_partition())
+                if p in self._partitions:
+                    continue
+                self._partitions[p] = self._new_partition()
+                if self.config.rebuild:
+                    self._rebuilding[p] = _Rebuild(now)
+                    for server in self._by_index:  # the replay starts the sequences over
+                        server.seqs.pop(p, None)
         log.info("aggregator %s assigned %s", self.config.aggregator_id, partitions)
 
     def _revoked(self, partitions: list[int]) -> None:
         with self._lock:
             for p in partitions:
                 self._partitions.pop(p, None)
+                self._rebuilding.pop(p, None)
         log.info("aggregator %s revoked %s", self.config.aggregator_id, partitions)
+
+    def rebuilding(self) -> list[int]:
+        """Owned partitions that do not grant yet: replaying, or waiting out old leases."""
+        with self._lock:
+            return sorted(self._rebuilding)
 
     def _new_partition(self) -> PartitionState:
         c = self.config
@@ -214,7 +276,7 @@ class Aggregator:
 
     def server_offsets(self) -> dict[str, float]:
         """Each server's clock minus the aggregator's, less the fastest delivery seen (s)."""
-        return {s.name: max(s.offset[0], s.offset[1]) for s in self._by_index}
+        return {s.name: s.estimate() for s in self._by_index}
 
     def clients(self) -> int:
         with self._lock:
@@ -243,13 +305,28 @@ class Aggregator:
             self.stats.duplicates += 1
             return False
         server.seqs[record.partition] = (batch.incarnation, batch.seq)
-        server.last_seen = now
-        server.active = True
-        offset = server.observe_offset(batch.end - now, now)
         with self._lock:
             state = self._partitions.get(record.partition)
             if state is None:
                 return False
+            rebuild = self._rebuilding.get(record.partition)
+            if rebuild is not None and record.timestamp < rebuild.wall:
+                # history: into the window only, at the interval's end (or the append time)
+                known = server.estimate()
+                if math.isfinite(known):
+                    at = batch.end - known
+                else:
+                    at = now - max(0.0, time.time() - record.timestamp)
+                state.apply(batch.records, server.index, now, min(now, at), replay=True)
+                rebuild.last_replay = now
+                rebuild.replayed += int(batch.records.size)
+                self.stats.replayed_records += int(batch.records.size)
+                return True
+            if rebuild is not None:
+                rebuild.live = True
+            server.last_seen = now
+            server.active = True
+            offset = server.observe_offset(batch.end - now, now)
             state.apply(batch.records, server.index, now, min(now, batch.end - offset))
         self.stats.batches += 1
         self.stats.records += int(batch.records.size)
@@ -281,8 +358,20 @@ class Aggregator:
                     server.active = False
                     for state in states:
                         state.forget_server(server.index)
-            for state in states:
-                keys, servers, tokens = state.tick(now)
+            for p, rebuild in list(self._rebuilding.items()):
+                if rebuild.done(now, c.server_timeout, c.ttl):
+                    del self._rebuilding[p]
+                    self.stats.rebuilds += 1
+                    log.info(
+                        "aggregator %s rebuilt partition %d: %d records replayed, granting "
+                        "%.2f s after the assignment",
+                        c.aggregator_id,
+                        p,
+                        rebuild.replayed,
+                        now - rebuild.assigned,
+                    )
+            for p, state in self._partitions.items():
+                keys, servers, tokens = state.tick(now, grant=p not in self._rebuilding)
                 if not keys.size:
                     continue
                 order = np.argsort(servers, kind="stable")

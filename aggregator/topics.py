@@ -1,8 +1,10 @@
 """``drl topics create|describe``: the usage and grant topics.
 
 ``create`` makes both topics with the documented partition counts (usage 16, grants 8),
-replication factor (the broker's default unless ``--replication-factor``), ``cleanup.policy=delete``
-and ``retention.ms`` (1 day by default; with ``--limit`` it must cover the window plus an hour).
+replication factor (the broker's default unless ``--replication-factor``),
+``cleanup.policy=delete``, ``message.timestamp.type=LogAppendTime`` (a new partition owner
+rewinds the usage topic by the broker's time, not a server's) and ``retention.ms`` (1 day by
+default; with ``--limit`` it must cover the window plus an hour).
 It is idempotent: a topic that already exists is reported, and is an error only when its
 partition count differs from the one asked for, or it is compacted (the messages carry no key).
 Other differing settings are reported and left alone. ``describe`` prints each topic's partitions
@@ -37,6 +39,7 @@ DEFAULT_REPLICATION_FACTOR = -1
 #: Settings ``describe`` always shows (other ones only when not the broker's default).
 SHOWN_CONFIGS = (
     "cleanup.policy",
+    "message.timestamp.type",
     "retention.ms",
     "retention.bytes",
     "min.insync.replicas",
@@ -241,7 +244,12 @@ def _specs(args: argparse.Namespace) -> list[TopicSpec]:
                 f"--retention-ms {args.retention_ms} is shorter than the window of "
                 f"{args.limit!r} plus an hour ({window_ms + RETENTION_MARGIN_MS:.0f} ms)"
             )
-    config = {"cleanup.policy": "delete", "retention.ms": str(args.retention_ms)}
+    config = {
+        "cleanup.policy": "delete",
+        "retention.ms": str(args.retention_ms),
+        # the broker's clock, not a server's: a new partition owner rewinds by time
+        "message.timestamp.type": "LogAppendTime",
+    }
     config.update(_pairs(args.topic_config, "--topic-config"))
     return [
         TopicSpec(

@@ -59,6 +59,7 @@ class ConfluentTransport:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
+        rewind: float | None = None,
     ) -> ConfluentReceiver:
         conf = {**CONSUMER_DEFAULTS, **self.config}
         conf["group.id"] = group or f"drl-reader-{uuid.uuid4().hex}"
@@ -73,9 +74,14 @@ class ConfluentTransport:
             def assigned(c: Any, tps: list[Any]) -> None:
                 # A partition without a committed offset starts at its end as of now: resolve it
                 # here rather than let the client do it later and skip what arrives meanwhile.
-                committed = c.committed(tps, timeout=10)
-                for tp, done in zip(tps, committed, strict=True):
-                    tp.offset = done.offset if done.offset >= 0 else _end(c, topic, tp.partition)
+                if rewind is None:
+                    start = c.committed(tps, timeout=10)
+                else:
+                    since = int((time.time() - rewind) * 1000)
+                    asked = [TopicPartition(topic, tp.partition, since) for tp in tps]
+                    start = c.offsets_for_times(asked, timeout=10)
+                for tp, found in zip(tps, start, strict=True):
+                    tp.offset = found.offset if found.offset >= 0 else _end(c, topic, tp.partition)
                 c.assign(tps)
                 receiver.assigned = sorted({*receiver.assigned, *(tp.partition for tp in tps)})
                 if on_assign is not None:

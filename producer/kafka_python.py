@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -140,6 +141,7 @@ class KafkaPythonTransport:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
+        rewind: float | None = None,
     ) -> KafkaPythonReceiver:
         position_timeout_ms = self.options["position_timeout_ms"]
         if group is None:
@@ -159,7 +161,12 @@ class KafkaPythonTransport:
             return receiver
         consumer = KafkaConsumer(**{**self.consumer_config, "group_id": group})
         receiver = KafkaPythonReceiver(
-            consumer, topic, position_timeout_ms, on_assign=on_assign, on_revoke=on_revoke
+            consumer,
+            topic,
+            position_timeout_ms,
+            on_assign=on_assign,
+            on_revoke=on_revoke,
+            rewind=rewind,
         )
         try:
             consumer.subscribe([topic], listener=_Listener(receiver))
@@ -320,8 +327,10 @@ class KafkaPythonReceiver:
         *,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
+        rewind: float | None = None,
     ) -> None:
         self._consumer = consumer
+        self._rewind = rewind
         self._topic = topic
         self._position_timeout_ms = position_timeout_ms
         self._on_assign = on_assign
@@ -347,12 +356,29 @@ class KafkaPythonReceiver:
                     TopicPartition(self._topic, p), timeout_ms=self._position_timeout_ms
                 )
 
+    def _seek_back(self, parts: list[int], rewind: float) -> None:
+        """Start ``parts`` at the first record appended at or after ``now - rewind``."""
+        since = int((time.time() - rewind) * 1000)
+        tps = [TopicPartition(self._topic, p) for p in parts]
+        try:
+            found = self._consumer.offsets_for_times(dict.fromkeys(tps, since))
+        except KafkaError:
+            return  # the committed offset (else the end) stands: poll() resolves it
+        for tp in tps:
+            hit = found.get(tp)
+            if hit is None:
+                self._consumer.seek_to_end(tp)
+            else:
+                self._consumer.seek(tp, hit.offset)
+
     def _dispatch(self) -> None:
         with self._events_lock:
             events, self._events = self._events, []
         for assigned, parts in events:
             if assigned:
                 if not self._closed:
+                    if self._rewind is not None:
+                        self._seek_back(parts, self._rewind)
                     self._resolve_positions(parts)
                 self.assigned = sorted({*self.assigned, *parts})
                 if self._on_assign is not None:

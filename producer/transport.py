@@ -9,6 +9,7 @@ consumer group that the transport balances). Implementations: confluent-kafka (d
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -76,8 +77,15 @@ class Transport(Protocol):
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
+        rewind: float | None = None,
     ) -> Receiver:
-        """Read ``partitions`` of ``topic`` from their end, or join consumer ``group``."""
+        """Read ``partitions`` of ``topic`` from their end, or join consumer ``group``.
+
+        A group member starts a newly assigned partition at its committed offset (else its
+        end); with ``rewind`` (seconds), at the first record appended at or after
+        ``time.time() - rewind`` instead (Kafka's ``offsets_for_times``; the end if none).
+        ``on_assign`` runs once those positions are set.
+        """
 
     def partitions(self, topic: str) -> int:
         """Partition count of ``topic``."""
@@ -127,11 +135,18 @@ class InProcessBus:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
+        rewind: float | None = None,
     ) -> _BusReceiver:
         t = self._topic(topic)
         parts = list(range(len(t.partitions))) if partitions is None else list(partitions)
         # like a new Kafka group with auto.offset.reset=latest, or a fixed assignment: the end
-        start = {p: len(t.partitions[p]) for p in parts}
+        with t.cond:
+            start = {p: len(t.partitions[p]) for p in parts}
+            if rewind is not None and group is not None:
+                since = time.time() - rewind
+                for p in parts:
+                    stamps = [r.timestamp for r in t.partitions[p]]
+                    start[p] = bisect.bisect_left(stamps, since)
         if on_assign is not None:
             on_assign(parts)
         return _BusReceiver(t, start)

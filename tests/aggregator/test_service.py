@@ -8,6 +8,7 @@ clock.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -66,7 +67,7 @@ class Harness:
         data = wire.encode_usage(wire.UsageBatch(server, incarnation, n, end - 0.1, end, 0, 0, rec))
         partition = int(wire.usage_partitions(np.array([key], dtype=np.uint64), 4)[0])
         self.offset += 1
-        return self.agg.handle(Record(USAGE_TOPIC, partition, self.offset, 0.0, data))
+        return self.agg.handle(Record(USAGE_TOPIC, partition, self.offset, time.time(), data))
 
     def tick(self) -> dict[str, tuple[int, dict[int, int]]]:
         """server -> (servers the batch counts, {key: tokens})"""

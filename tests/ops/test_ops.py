@@ -259,18 +259,26 @@ def test_service_state_and_aggregator_collector_without_a_broker() -> None:
     state.phase = "running"
     state.last_step = now[0]
     state.broker_answered(4)
-    ready, details = state.readiness()
-    assert ready and details["partitions"] == [0, 1, 2, 3] and details["aggregator_id"] == "agg-u"
-
     registry = CollectorRegistry()
     registry.register(
         AggregatorCollector(agg, lag=lambda: {0: 5}, service=state, clock=lambda: now[0])
     )
+    ready, details = state.readiness()  # new partitions rebuild first
+    assert not ready and details["rebuilding"] == [0, 1, 2, 3]
+    assert "rebuilding usage partitions" in details["reason"]
+    assert _scrape(registry)[("drl_aggregator_partitions_rebuilding", ())] == 4
+    now[0] += config.server_timeout  # nothing to replay, nothing arrived: rebuilt at the tick
+    agg.tick()
+    ready, details = state.readiness()
+    assert ready and details["partitions"] == [0, 1, 2, 3] and details["aggregator_id"] == "agg-u"
+
     agg.handle(Record("usage", 1, 0, 0.0, b"not a batch"))
     agg.tick()
     m = _scrape(registry)
     assert m[("drl_aggregator_partitions_owned", ())] == 4
-    assert m[("drl_aggregator_ticks_total", ())] == 1
+    assert m[("drl_aggregator_partitions_rebuilding", ())] == 0
+    assert m[("drl_aggregator_rebuilds_total", ())] == 4
+    assert m[("drl_aggregator_ticks_total", ())] == 2
     assert sum(v for k, v in m.items() if k[0] == "drl_aggregator_usage_malformed_total") == 1
     assert m[("drl_aggregator_usage_lag_records", (("partition", "0"),))] == 5
     assert m[("drl_aggregator_ready", ())] == 1 and m[("drl_aggregator_broker_up", ())] == 1
@@ -378,7 +386,10 @@ def test_topics_create_is_idempotent_and_describe_prints_them(
     assert first.returncode == 0, first.stderr
     assert f"created {usage}: 3 partitions, replication factor 1" in first.stdout
     assert f"created {grants}: 2 partitions" in first.stdout
-    assert "cleanup.policy=delete retention.ms=7200000" in first.stdout
+    assert (
+        "cleanup.policy=delete message.timestamp.type=LogAppendTime retention.ms=7200000"
+        in first.stdout
+    )
 
     again = _drl("topics", "create", *common, *sizes, "--retention-ms", "3600000")
     assert again.returncode == 0, again.stderr

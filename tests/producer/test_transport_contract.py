@@ -111,9 +111,15 @@ class Env:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
+        rewind: float | None = None,
     ) -> Receiver:
         r = self.transport.receiver(
-            topic, partitions=partitions, group=group, on_assign=on_assign, on_revoke=on_revoke
+            topic,
+            partitions=partitions,
+            group=group,
+            on_assign=on_assign,
+            on_revoke=on_revoke,
+            rewind=rewind,
         )
         self._open.append(r)
         return r
@@ -311,6 +317,34 @@ def test_group_receiver_is_assigned_every_partition_and_reads_later_messages(
     receiver.commit()
     receiver.commit()
     env.close(receiver)
+
+
+def test_group_receiver_with_rewind_starts_by_time(env: Env) -> None:
+    """``rewind``: a newly assigned partition starts at the first record appended within the
+    last ``rewind`` seconds (``offsets_for_times``), before ``on_assign`` runs; none: its end."""
+    topic = env.new_topic(2)
+    sender = env.sender()
+    history = [(p, f"old{p}-{i}".encode()) for i in range(3) for p in (0, 1)]
+    for p, value in history:
+        sender.send(topic, p, value)
+    assert sender.flush(10) == 0
+    time.sleep(0.05)
+    assigned: list[list[int]] = []
+    receiver = env.receiver(
+        topic, group=f"g-{uuid.uuid4().hex[:10]}", on_assign=assigned.append, rewind=3600.0
+    )
+    got = collect(receiver, len(history), timeout=15.0)
+    assert {p for ps in assigned for p in ps} == {0, 1}
+    assert sorted((r.partition, r.value) for r in got) == sorted(history)
+    # a record appended before "now - rewind" is not read: a short rewind starts at the end
+    late: list[list[int]] = []
+    short = env.receiver(
+        topic, group=f"g-{uuid.uuid4().hex[:10]}", on_assign=late.append, rewind=0.001
+    )
+    wait_assigned(short, late, {0, 1})
+    sender.send(topic, 1, b"new")
+    assert sender.flush(10) == 0
+    assert [r.value for r in collect(short, 1)] == [b"new"]
 
 
 def test_flush_returns_zero_once_everything_is_delivered(env: Env) -> None:
