@@ -18,9 +18,10 @@ default): the consumer starts it at the first record appended at or after
 assignment are *replayed* into the window only (charged at their interval's end when the
 server's clock offset is known, else at their Kafka timestamp; no demand, no outstanding), and
 the partition grants nothing until (1) it is caught up (a record appended after the assignment
-arrived, or nothing arrived for ``server_timeout``) and, (2) if the replay found any usage, one
-lease TTL after the assignment: by then every lease the previous owner granted has expired, so
-the new owner never grants on top of tokens it cannot see. Meanwhile servers spend the leases
+arrived, or nothing arrived for ``server_timeout``) and, (2) if the replay found any usage,
+``takeover_wait`` (one lease TTL and three ticks) after the assignment: by then every lease the
+previous owner granted has expired and what it admitted is reported, so the new owner never
+grants on top of tokens it cannot see. Meanwhile servers spend the leases
 they hold, then fall back to their cold-start allowance. docs/failure-modes.md has the bound.
 
 Usage batches are applied at most once per (server, incarnation, partition): a batch whose
@@ -67,6 +68,9 @@ DEFAULT_GROUP = "drl-aggregators"
 #: A rebuild rewinds the usage topic by the window plus this many seconds (at least one lease
 #: TTL): batches from servers whose clocks run late, and the demand behind leases still live.
 REWIND_MARGIN = 10.0
+#: Ticks a takeover waits beyond one lease TTL: the reports of the last tokens the previous
+#: owner's leases admitted (one report interval, 100 ms by default, plus delivery) arrive.
+TAKEOVER_TICKS = 3
 
 
 def _default_id() -> str:
@@ -119,6 +123,13 @@ class AggregatorConfig:
         the window is a whole number of buckets."""
         raw = max(self.tick / 2, self.policy.window / 128)
         return self.policy.window / math.ceil(self.policy.window / raw)
+
+    @property
+    def takeover_wait(self) -> float:
+        """Seconds a rebuilt partition whose replay found usage waits after its assignment
+        before it grants: one lease TTL (the previous owner's last leases expire) plus
+        ``TAKEOVER_TICKS`` ticks (what they admitted last is reported)."""
+        return self.ttl + TAKEOVER_TICKS * self.tick
 
     @property
     def rewind(self) -> float | None:
@@ -194,9 +205,9 @@ class _Rebuild:
         self.replayed = 0  # usage records replayed
         self.live = False  # a record appended after the assignment arrived
 
-    def done(self, now: float, server_timeout: float, ttl: float) -> bool:
+    def done(self, now: float, server_timeout: float, wait: float) -> bool:
         caught_up = self.live or now - self.last_replay >= server_timeout
-        return caught_up and (self.replayed == 0 or now >= self.assigned + ttl)
+        return caught_up and (self.replayed == 0 or now >= self.assigned + wait)
 
 
 class Aggregator:
@@ -277,6 +288,10 @@ class Aggregator:
     def server_offsets(self) -> dict[str, float]:
         """Each server's clock minus the aggregator's, less the fastest delivery seen (s)."""
         return {s.name: s.estimate() for s in self._by_index}
+
+    def grant_queue(self) -> int:
+        """Grant messages in the producer's queue, not yet delivered."""
+        return self._sender.queued
 
     def clients(self) -> int:
         with self._lock:
@@ -359,7 +374,7 @@ class Aggregator:
                     for state in states:
                         state.forget_server(server.index)
             for p, rebuild in list(self._rebuilding.items()):
-                if rebuild.done(now, c.server_timeout, c.ttl):
+                if rebuild.done(now, c.server_timeout, c.takeover_wait):
                     del self._rebuilding[p]
                     self.stats.rebuilds += 1
                     log.info(

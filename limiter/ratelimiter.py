@@ -26,6 +26,7 @@ from .lease import (
     LeaseOptions,
     release_expired,
 )
+from .metrics import DecisionMetrics, decision_metrics
 from .rate import DEFAULT_ALGORITHM, Policy, parse_rates
 from .request import Request
 from .table import ClientTable, Shard
@@ -102,6 +103,8 @@ class RateLimiter:
     - ``mode``: ``local`` (default) or ``approximate``: decisions against leases that the
       streaming agent (``producer.Agent``) receives from the aggregator; ``lease_options``
       (:class:`LeaseOptions`) sets its cold-start and degraded behaviour. One policy only.
+    - ``metrics``: ``True`` (or a :class:`~limiter.metrics.DecisionMetrics`) counts decisions
+      by outcome and times one in 64 (:mod:`limiter.metrics`); off by default.
 
     Thread-safe: each shard of the table has its own lock, held for one decision.
     """
@@ -116,6 +119,7 @@ class RateLimiter:
         "_lease",
         "_max_age",
         "_max_skew",
+        "_mode",
         "_shard_mask",
         "_shards",
         "_sleep",
@@ -123,6 +127,7 @@ class RateLimiter:
         "_w0",
         "_waits",
         "allow_request",
+        "metrics",
         "policies",
     )
 
@@ -145,6 +150,7 @@ class RateLimiter:
         shards: int = DEFAULT_SHARDS,
         mode: str = "local",
         lease_options: LeaseOptions | None = None,
+        metrics: bool | DecisionMetrics = False,
     ) -> None:
         if mode == "approximate" and algorithm is None:
             # leases decide, not a local algorithm: name one without a limit cap
@@ -160,6 +166,8 @@ class RateLimiter:
             raise ValueError("clock and sleep must be callables")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self._mode = mode
+        self.metrics = decision_metrics(metrics)
         self._lease: LeaseAlgorithm | None = None
         if mode == "approximate":
             if len(self.policies) != 1:
@@ -192,6 +200,13 @@ class RateLimiter:
         self._shards = self._table.shards
         self._shard_mask = self._table.shard_mask
         self.allow_request = self._build_allow_request()
+        if self.metrics is not None:
+            self.allow_request = self.metrics.wrap_allow(self.allow_request)
+
+    @property
+    def mode(self) -> str:
+        """``local`` or ``approximate``."""
+        return self._mode
 
     @classmethod
     def from_rates(cls, rates: str, **options: object) -> RateLimiter:
@@ -268,7 +283,11 @@ class RateLimiter:
 
     def check(self, client_id: str, *, cost: int = 1, now: float | None = None) -> Decision:
         """Decide ``cost`` tokens at ``now`` (default: the clock); consumes them if allowed."""
-        return self._decide(client_id, cost, now, consume=True)
+        m = self.metrics
+        if m is None:
+            return self._decide(client_id, cost, now, consume=True)
+        started = m.start()
+        return m.decided(self._decide(client_id, cost, now, consume=True), started)
 
     def peek(self, client_id: str, *, cost: int = 1, now: float | None = None) -> Decision:
         """What :meth:`check` would answer, consuming nothing and tracking no new client."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from .clientid import validate_client_id
 from .decision import Decision, Reason
 from .keys import client_key
+from .metrics import DecisionMetrics, decision_metrics
 from .rate import MAX_SLIDING_LOG_LIMIT, Policy, parse_rates
 from .ratelimiter import RateLimiter
 from .request import Request
@@ -211,6 +212,7 @@ class StrictLimiter:
         breaker_failures: int = 5,
         breaker_cooldown: float = 1.0,
         clock: Callable[[], float] = time.time,
+        metrics: bool | DecisionMetrics = False,
     ) -> None:
         if algorithm not in STRICT_ALGORITHMS:
             raise ValueError(
@@ -244,6 +246,8 @@ class StrictLimiter:
         self.failure_mode = failure_mode
         self.fallback_share = share
         self._clock = clock
+        #: Decision counts and sampled latency for :class:`~limiter.metrics.LimiterCollector`.
+        self.metrics = decision_metrics(metrics)
         self._breaker = CircuitBreaker(breaker_failures, breaker_cooldown, clock)
 
         self._tags: tuple[str, ...] = tuple(_policy_tag(p, algorithm) for p in self.policies)
@@ -310,16 +314,25 @@ class StrictLimiter:
 
     # -- the public API -------------------------------------------------------------------------
 
+    @property
+    def mode(self) -> str:
+        return "strict"
+
     def check(self, client_id: str, *, cost: int = 1) -> Decision:
         """Decide ``cost`` tokens for ``client_id``; consumes them from every policy if allowed."""
-        return self._decide(client_id, cost, consume=True)[0]
+        return self.check_with_server_time(client_id, cost=cost)[0]
 
     def check_with_server_time(
         self, client_id: str, *, cost: int = 1
     ) -> tuple[Decision, float | None]:
         """:meth:`check`, and the Redis server time (epoch seconds, microsecond resolution) at
         which the script decided; ``None`` when the decision was made without Redis."""
-        return self._decide(client_id, cost, consume=True)
+        m = self.metrics
+        if m is None:
+            return self._decide(client_id, cost, consume=True)
+        started = m.start()
+        decision, at = self._decide(client_id, cost, consume=True)
+        return m.decided(decision, started), at
 
     def peek(self, client_id: str, *, cost: int = 1) -> Decision:
         """What :meth:`check` would answer now, consuming nothing (one read-only round trip)."""
@@ -331,7 +344,7 @@ class StrictLimiter:
         Decided at the Redis server's time when the script runs; ``request.timestamp`` is not
         used (servers' clocks do not matter in strict mode).
         """
-        return self._decide(client_id, 1, consume=True)[0].allowed
+        return self.check_with_server_time(client_id)[0].allowed
 
     def clear_client(self, client_id: str) -> None:
         """Forget ``client_id`` in Redis (one ``DEL`` of all its keys) and in the local fallback.

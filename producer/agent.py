@@ -143,6 +143,16 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    @property
+    def pending_records(self) -> int:
+        """Usage records kept for the next report because the producer did not take them."""
+        return sum(r.size for r in list(self._pending.values()))
+
+    @property
+    def produce_queue(self) -> int:
+        """Messages in the producer's queue, not yet delivered."""
+        return self._sender.queued
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> Agent:

@@ -189,6 +189,11 @@ class ConfluentSender:
     def errors(self) -> int:
         return self._errors
 
+    @property
+    def queued(self) -> int:
+        producer = getattr(self, "_producer", None)
+        return 0 if producer is None else len(producer)
+
 
 class ConfluentReceiver:
     def __init__(self, consumer: Any) -> None:

@@ -304,7 +304,7 @@ class KafkaPythonSender:
         return self._errors
 
     @property
-    def pending(self) -> int:
+    def queued(self) -> int:
         """Messages queued and not yet delivered or failed."""
         return self._pending
 

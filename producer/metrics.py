@@ -10,9 +10,9 @@ nothing is added to the request path. Register it with the app's registry::
     REGISTRY.register(AgentCollector(agent))          # or AgentCollector([agent1, agent2])
 
 Decisions by outcome come from the usage the agent drains every report interval (so they lag by
-up to one interval), in tokens: at cost 1, tokens are requests. There is no decision-latency
-histogram: timing a sample of ``allow_request`` calls would put a counter and a branch on its
-fast path; measure latency in the app's own request middleware instead.
+up to one interval), in tokens: at cost 1, tokens are requests. The decision-latency histogram
+and per-call decision counts are :class:`limiter.metrics.LimiterCollector`'s (a limiter built
+with ``metrics=True``).
 
 Every series has a ``server_id`` label (the agent's), so one collector can cover several agents
 of one process. The list with meanings is in ``docs/operations.md``.
@@ -130,6 +130,16 @@ class AgentCollector(Collector):
             "bytes": GaugeMetricFamily(
                 "drl_agent_table_bytes", "Bytes held by the limiter's client table.", labels=label
             ),
+            "pending": GaugeMetricFamily(
+                "drl_agent_usage_pending_records",
+                "Usage records waiting for the broker (merged, bounded by max_pending_records).",
+                labels=label,
+            ),
+            "queue": GaugeMetricFamily(
+                "drl_agent_produce_queue_messages",
+                "Messages in the producer's queue, not yet delivered.",
+                labels=label,
+            ),
         }
         offsets = GaugeMetricFamily(
             "drl_agent_aggregator_clock_offset_seconds",
@@ -147,6 +157,8 @@ class AgentCollector(Collector):
             gauges["servers"].add_metric(sid, lease.servers)
             gauges["clients"].add_metric(sid, len(limiter))
             gauges["bytes"].add_metric(sid, limiter.memory_bytes())
+            gauges["pending"].add_metric(sid, agent.pending_records)
+            gauges["queue"].add_metric(sid, agent.produce_queue)
             for aggregator_id, value in sorted(agent.stats.offsets.copy().items()):
                 if math.isfinite(value):
                     offsets.add_metric([agent.server_id, aggregator_id], value)

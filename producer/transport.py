@@ -50,6 +50,10 @@ class Sender(Protocol):
     def errors(self) -> int:
         """Messages that failed delivery so far."""
 
+    @property
+    def queued(self) -> int:
+        """Messages queued in the client, not yet delivered or failed."""
+
 
 class Receiver(Protocol):
     def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
@@ -177,6 +181,10 @@ class _BusSender:
 
     @property
     def errors(self) -> int:
+        return 0
+
+    @property
+    def queued(self) -> int:
         return 0
 
 

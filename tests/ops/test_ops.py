@@ -327,6 +327,8 @@ def test_agent_collector_counts_decisions_from_drained_usage() -> None:
     assert m[("drl_agent_usage_records_sent_total", (sid,))] == 3
     assert m[("drl_agent_clients", (sid,))] == 3
     assert m[("drl_agent_table_bytes", (sid,))] == limiter.memory_bytes() > 0
+    assert m[("drl_agent_usage_pending_records", (sid,))] == agent.pending_records == 0
+    assert m[("drl_agent_produce_queue_messages", (sid,))] == 0  # the bus delivers at once
     assert m[("drl_agent_degraded", (sid,))] == 0
     now[0] += 5.0  # no grant batch for 5 s: degraded
     m = _scrape(registry)
@@ -570,6 +572,8 @@ def test_aggregator_service_health_metrics_and_sigterm(
         assert lag and all(v >= 0 for v in lag.values())
         assert during[("drl_aggregator_usage_duplicate_batches_total", ())] == 0
         assert during[("drl_aggregator_produce_errors_total", ())] == 0
+        assert during[("drl_aggregator_grant_queue_messages", ())] >= 0
+        assert during[("drl_aggregator_partitions_rebuilding", ())] == 0  # ready: rebuilt
 
         # agent side, through its collector: every decision is counted once drained
         agent.stop()

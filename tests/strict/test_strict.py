@@ -30,6 +30,7 @@ from redis.crc import key_slot
 
 import drl_services
 from limiter import Policy, Reason, Request, StrictLimiter
+from limiter.metrics import DecisionMetrics
 from limiter.strict import UNAVAILABLE, CircuitBreaker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -281,6 +282,7 @@ def test_keys_hash_tag_expiry_clear_and_seed_api(
         algorithm=algorithm,
         key_prefix=redis_prefix,
         timeout_ms=1000,
+        metrics=DecisionMetrics(1),
     )
     keys = strict.keys_for("carol")
     pattern = re.escape(redis_prefix) + r"\{[0-9a-f]{16}\}:(gcra|sw):\d+/[0-9.]+s"
@@ -298,6 +300,11 @@ def test_keys_hash_tag_expiry_clear_and_seed_api(
     # costs: several tokens at once
     assert not strict.check("carol", cost=3).allowed
     assert strict.check("carol", cost=2).allowed
+    # metrics=...: every decision counted and (sample_every=1) timed, as mode "strict"
+    assert strict.metrics is not None and strict.mode == "strict"
+    assert (strict.metrics.allowed, strict.metrics.denied) == (5, 2)
+    buckets, seconds = strict.metrics.histogram()
+    assert sum(buckets) == 7 and seconds > 0
     strict.close()
 
 
