@@ -170,6 +170,11 @@ class AggregatorCollector(Collector):
         yield _counter(
             "drl_aggregator_granted_tokens", "Tokens handed out in grant records.", s.tokens_granted
         )
+        yield _counter(
+            "drl_aggregator_grant_bytes",
+            "Encoded bytes of the grant batches queued (before compression).",
+            s.grant_bytes,
+        )
         yield _gauge(
             "drl_aggregator_grant_queue_messages",
             "Grant messages in the producer's queue, not yet delivered.",

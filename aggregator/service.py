@@ -150,6 +150,7 @@ class AggregatorStats:
     grant_batches: int = 0
     grants: int = 0
     tokens_granted: int = 0
+    grant_bytes: int = 0
     produce_errors: int = 0
     errors: int = 0
     malformed_reasons: dict[str, int] = field(default_factory=dict)
@@ -431,11 +432,13 @@ class Aggregator:
             records,
         )
         partition = wire.grant_partition(server, self._grant_partitions)
+        data = wire.encode_grants(batch)
         try:
-            self._sender.send(self.config.grants_topic, partition, wire.encode_grants(batch))
+            self._sender.send(self.config.grants_topic, partition, data)
         except QueueFull:
             self.stats.produce_errors += 1
             return
+        self.stats.grant_bytes += len(data)
         self.stats.grant_batches += 1
         self.stats.grants += int(records.size)
         self.stats.tokens_granted += int(records["tokens"].sum())

@@ -121,12 +121,14 @@ def _floor(memory: bool) -> Built:
     return Built(allow, "req", tracked=buckets.__len__)
 
 
-def _limiter(algorithm: str, *, check: bool = False) -> Callable[[bool], Built]:
+def _limiter(
+    algorithm: str, *, check: bool = False, metrics: bool = False
+) -> Callable[[bool], Built]:
     def build(memory: bool) -> Built:
         limit, window = SMALL if algorithm == "sliding_log" else LARGE
         if memory and algorithm == "sliding_log":
             window = 3600  # nothing turns idle while 1M clients are inserted
-        rl = RateLimiter(limit, window, algorithm=algorithm)
+        rl = RateLimiter(limit, window, algorithm=algorithm, metrics=metrics)
         if check:
             return Built(rl.check, "one", tracked=rl.__len__, table_bytes=rl.memory_bytes)
         return Built(rl.allow_request, "req", tracked=rl.__len__, table_bytes=rl.memory_bytes)
@@ -174,6 +176,9 @@ def contenders() -> list[Contender]:
         policy = small if algo == "sliding_log" else large
         out.append(Contender(f"allow_request, {algo}", policy, _limiter(algo)))
     out.append(Contender("check() -> Decision, gcra", large, _limiter("gcra", check=True)))
+    out.append(
+        Contender("allow_request, gcra, metrics=True", large, _limiter("gcra", metrics=True))
+    )
     if limits is not None:
         out.append(Contender("limits MovingWindow (memory)", small, _limits("moving_window")))
         out.append(Contender("limits SlidingWindowCounter (memory)", large, _limits("swc")))
@@ -421,7 +426,7 @@ def memory(cfg: Config, cs: list[Contender], log: Callable[[str], None]) -> list
     insert = blocks_of(ids, np.random.default_rng(cfg.seed + 1).permutation(n))
     out: list[MemRow] = []
     for c in cs:
-        if c.name.startswith("check()"):
+        if c.name.startswith("check()") or "metrics" in c.name:
             continue  # same table as allow_request, gcra
         t0 = time.perf_counter()
         gc.collect()

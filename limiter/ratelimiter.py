@@ -440,6 +440,20 @@ class RateLimiter:
                 return None
             return s[b + TOKENS], s[b + EXPIRY] - now
 
+    def leases(self) -> tuple[int, float]:
+        """``(clients holding a live lease, tokens left in those leases)`` (approximate mode);
+        one vectorised pass over each shard under its lock, for metrics."""
+        self.lease  # noqa: B018 -- raises in local mode
+        now = self._clock()
+        count, tokens = 0, 0.0
+        for shard in self._shards:
+            with shard.lock:
+                cells = shard.arrays[0].reshape(-1, WIDTH)
+                live = (cells[:, EXPIRY] > now) & (shard.keys != 0)
+                count += int(live.sum())
+                tokens += float(cells[live, TOKENS].sum())
+        return count, tokens
+
     def note_grant_batch(self, received_at: float, servers: int) -> None:
         """A grant batch arrived (the stream is healthy); ``servers`` are active in the fleet."""
         lease = self.lease

@@ -130,6 +130,12 @@ class AgentCollector(Collector):
             "bytes": GaugeMetricFamily(
                 "drl_agent_table_bytes", "Bytes held by the limiter's client table.", labels=label
             ),
+            "leases": GaugeMetricFamily(
+                "drl_agent_leases", "Clients holding a live lease on this server.", labels=label
+            ),
+            "lease_tokens": GaugeMetricFamily(
+                "drl_agent_lease_tokens", "Tokens left in the live leases.", labels=label
+            ),
             "pending": GaugeMetricFamily(
                 "drl_agent_usage_pending_records",
                 "Usage records waiting for the broker (merged, bounded by max_pending_records).",
@@ -157,6 +163,9 @@ class AgentCollector(Collector):
             gauges["servers"].add_metric(sid, lease.servers)
             gauges["clients"].add_metric(sid, len(limiter))
             gauges["bytes"].add_metric(sid, limiter.memory_bytes())
+            leases, tokens = limiter.leases()
+            gauges["leases"].add_metric(sid, leases)
+            gauges["lease_tokens"].add_metric(sid, tokens)
             gauges["pending"].add_metric(sid, agent.pending_records)
             gauges["queue"].add_metric(sid, agent.produce_queue)
             for aggregator_id, value in sorted(agent.stats.offsets.copy().items()):

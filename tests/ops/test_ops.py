@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -37,6 +38,7 @@ from aggregator.run import (
 )
 from aggregator.service import Aggregator, AggregatorConfig
 from limiter import Policy, RateLimiter, Request
+from limiter.keys import client_key
 from producer import Agent, InProcessBus, make_transport
 from producer.metrics import AgentCollector
 from producer.transport import Record
@@ -328,6 +330,7 @@ def test_agent_collector_counts_decisions_from_drained_usage() -> None:
     assert m[("drl_agent_clients", (sid,))] == 3
     assert m[("drl_agent_table_bytes", (sid,))] == limiter.memory_bytes() > 0
     assert m[("drl_agent_usage_pending_records", (sid,))] == agent.pending_records == 0
+    assert (m[("drl_agent_leases", (sid,))], m[("drl_agent_lease_tokens", (sid,))]) == (0, 0)
     assert m[("drl_agent_produce_queue_messages", (sid,))] == 0  # the bus delivers at once
     assert m[("drl_agent_degraded", (sid,))] == 0
     now[0] += 5.0  # no grant batch for 5 s: degraded
@@ -335,6 +338,12 @@ def test_agent_collector_counts_decisions_from_drained_usage() -> None:
     assert m[("drl_agent_degraded", (sid,))] == 1
     assert m[("drl_agent_lease_age_seconds", (sid,))] == pytest.approx(5.0)
     assert m[("drl_agent_active_servers", (sid,))] == 1
+    key = np.array([client_key("c0")], dtype=np.uint64)
+    assert limiter.apply_grants(key, np.array([7.0]), now[0] + 5.0) == 1
+    m = _scrape(registry)
+    assert (m[("drl_agent_leases", (sid,))], m[("drl_agent_lease_tokens", (sid,))]) == (1, 7)
+    now[0] += 6.0  # expired: no longer a live lease
+    assert limiter.leases() == (0, 0.0)
     agent.stop()
 
 
@@ -562,6 +571,7 @@ def test_aggregator_service_health_metrics_and_sigterm(
             "drl_aggregator_grant_batches_total",
             "drl_aggregator_grants_total",
             "drl_aggregator_granted_tokens_total",
+            "drl_aggregator_grant_bytes_total",
             "drl_aggregator_tick_duration_seconds_count",
         ):
             assert during[(name, ())] > before.get((name, ()), 0.0), name
