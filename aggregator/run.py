@@ -36,7 +36,14 @@ from typing import Any
 
 from limiter import parse_rate
 from producer import CLIENTS, make_transport
-from producer.transport import GRANTS_TOPIC, USAGE_TOPIC, Receiver, Sender, Transport
+from producer.transport import (
+    GRANTS_TOPIC,
+    USAGE_TOPIC,
+    Receiver,
+    Rewind,
+    Sender,
+    Transport,
+)
 
 from .http import DEFAULT_HOST, DEFAULT_PORT, OpsServer
 from .metrics import AggregatorCollector, new_registry, tick_histogram
@@ -622,7 +629,7 @@ class _CapturingTransport:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
-        rewind: float | None = None,
+        rewind: Rewind | None = None,
     ) -> Receiver:
         r = self.inner.receiver(
             topic,

@@ -239,7 +239,7 @@ class Aggregator:
             group=config.group,
             on_assign=self._assigned,
             on_revoke=self._revoked,
-            rewind=config.rewind,
+            rewind=self._rewind if config.rebuild else None,
         )
         self._next_tick = clock()
         self._ticks_since_compact = 0
@@ -265,6 +265,10 @@ class Aggregator:
                 self._partitions.pop(p, None)
                 self._rebuilding.pop(p, None)
         log.info("aggregator %s revoked %s", self.config.aggregator_id, partitions)
+
+    def _rewind(self, partition: int) -> float | None:
+        """Seconds of ``partition`` a rebuild replays (called as the partition is assigned)."""
+        return self.config.rewind
 
     def rebuilding(self) -> list[int]:
         """Owned partitions that do not grant yet: replaying, or waiting out old leases."""

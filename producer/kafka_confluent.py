@@ -25,7 +25,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from .transport import QueueFull, Record
+from .transport import QueueFull, Record, Rewind
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
@@ -59,7 +59,7 @@ class ConfluentTransport:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
-        rewind: float | None = None,
+        rewind: Rewind | None = None,
     ) -> ConfluentReceiver:
         conf = {**CONSUMER_DEFAULTS, **self.config}
         conf["group.id"] = group or f"drl-reader-{uuid.uuid4().hex}"
@@ -74,14 +74,21 @@ class ConfluentTransport:
             def assigned(c: Any, tps: list[Any]) -> None:
                 # A partition without a committed offset starts at its end as of now: resolve it
                 # here rather than let the client do it later and skip what arrives meanwhile.
-                if rewind is None:
-                    start = c.committed(tps, timeout=10)
-                else:
-                    since = int((time.time() - rewind) * 1000)
-                    asked = [TopicPartition(topic, tp.partition, since) for tp in tps]
-                    start = c.offsets_for_times(asked, timeout=10)
-                for tp, found in zip(tps, start, strict=True):
-                    tp.offset = found.offset if found.offset >= 0 else _end(c, topic, tp.partition)
+                backs = [None if rewind is None else rewind(tp.partition) for tp in tps]
+                start = c.committed(tps, timeout=10)
+                if any(b is not None for b in backs):
+                    now = time.time()
+                    asked = [
+                        TopicPartition(topic, tp.partition, int((now - b) * 1000))
+                        for tp, b in zip(tps, backs, strict=True)
+                        if b is not None
+                    ]
+                    found = iter(c.offsets_for_times(asked, timeout=10))
+                    start = [
+                        s if b is None else next(found) for s, b in zip(start, backs, strict=True)
+                    ]
+                for tp, at in zip(tps, start, strict=True):
+                    tp.offset = at.offset if at.offset >= 0 else _end(c, topic, tp.partition)
                 c.assign(tps)
                 receiver.assigned = sorted({*receiver.assigned, *(tp.partition for tp in tps)})
                 if on_assign is not None:

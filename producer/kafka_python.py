@@ -53,7 +53,7 @@ from kafka import (
 )
 from kafka.errors import KafkaError, for_code
 
-from .transport import QueueFull, Record
+from .transport import QueueFull, Record, Rewind
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class KafkaPythonTransport:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
-        rewind: float | None = None,
+        rewind: Rewind | None = None,
     ) -> KafkaPythonReceiver:
         position_timeout_ms = self.options["position_timeout_ms"]
         if group is None:
@@ -327,7 +327,7 @@ class KafkaPythonReceiver:
         *,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
-        rewind: float | None = None,
+        rewind: Rewind | None = None,
     ) -> None:
         self._consumer = consumer
         self._rewind = rewind
@@ -356,12 +356,21 @@ class KafkaPythonReceiver:
                     TopicPartition(self._topic, p), timeout_ms=self._position_timeout_ms
                 )
 
-    def _seek_back(self, parts: list[int], rewind: float) -> None:
-        """Start ``parts`` at the first record appended at or after ``now - rewind``."""
-        since = int((time.time() - rewind) * 1000)
-        tps = [TopicPartition(self._topic, p) for p in parts]
+    def _seek_back(self, parts: list[int], rewind: Rewind) -> None:
+        """Start each of ``parts`` at the first record appended at or after
+        ``now - rewind(partition)`` (those for which it gives a number)."""
+        now = time.time()
+        backs = {p: rewind(p) for p in parts}
+        since = {
+            TopicPartition(self._topic, p): int((now - b) * 1000)
+            for p, b in backs.items()
+            if b is not None
+        }
+        tps = list(since)
+        if not tps:
+            return
         try:
-            found = self._consumer.offsets_for_times(dict.fromkeys(tps, since))
+            found = self._consumer.offsets_for_times(since)
         except KafkaError:
             return  # the committed offset (else the end) stands: poll() resolves it
         for tp in tps:

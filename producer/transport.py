@@ -68,6 +68,11 @@ class Receiver(Protocol):
     def close(self) -> None: ...
 
 
+#: ``rewind(partition) -> seconds``: where a group member starts a newly assigned partition, as
+#: seconds back from now by append time; None: its committed offset (else its end).
+Rewind = Callable[[int], float | None]
+
+
 class Transport(Protocol):
     """Makes senders and receivers and answers metadata."""
 
@@ -81,14 +86,14 @@ class Transport(Protocol):
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
-        rewind: float | None = None,
+        rewind: Rewind | None = None,
     ) -> Receiver:
         """Read ``partitions`` of ``topic`` from their end, or join consumer ``group``.
 
         A group member starts a newly assigned partition at its committed offset (else its
-        end); with ``rewind`` (seconds), at the first record appended at or after
-        ``time.time() - rewind`` instead (Kafka's ``offsets_for_times``; the end if none).
-        ``on_assign`` runs once those positions are set.
+        end); when ``rewind(partition)`` gives seconds, at the first record appended at or
+        after ``time.time() - seconds`` instead (Kafka's ``offsets_for_times``; the end if
+        none). ``on_assign`` runs once those positions are set.
         """
 
     def partitions(self, topic: str) -> int:
@@ -139,7 +144,7 @@ class InProcessBus:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
-        rewind: float | None = None,
+        rewind: Rewind | None = None,
     ) -> _BusReceiver:
         t = self._topic(topic)
         parts = list(range(len(t.partitions))) if partitions is None else list(partitions)
@@ -147,10 +152,11 @@ class InProcessBus:
         with t.cond:
             start = {p: len(t.partitions[p]) for p in parts}
             if rewind is not None and group is not None:
-                since = time.time() - rewind
                 for p in parts:
-                    stamps = [r.timestamp for r in t.partitions[p]]
-                    start[p] = bisect.bisect_left(stamps, since)
+                    back = rewind(p)
+                    if back is not None:
+                        stamps = [r.timestamp for r in t.partitions[p]]
+                        start[p] = bisect.bisect_left(stamps, time.time() - back)
         if on_assign is not None:
             on_assign(parts)
         return _BusReceiver(t, start)

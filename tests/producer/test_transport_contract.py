@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 
-from producer.transport import InProcessBus, QueueFull, Receiver, Record, Sender, Transport
+from producer.transport import (
+    InProcessBus,
+    QueueFull,
+    Receiver,
+    Record,
+    Rewind,
+    Sender,
+    Transport,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -111,7 +119,7 @@ class Env:
         group: str | None = None,
         on_assign: Callable[[list[int]], None] | None = None,
         on_revoke: Callable[[list[int]], None] | None = None,
-        rewind: float | None = None,
+        rewind: Rewind | None = None,
     ) -> Receiver:
         r = self.transport.receiver(
             topic,
@@ -331,7 +339,10 @@ def test_group_receiver_with_rewind_starts_by_time(env: Env) -> None:
     time.sleep(0.05)
     assigned: list[list[int]] = []
     receiver = env.receiver(
-        topic, group=f"g-{uuid.uuid4().hex[:10]}", on_assign=assigned.append, rewind=3600.0
+        topic,
+        group=f"g-{uuid.uuid4().hex[:10]}",
+        on_assign=assigned.append,
+        rewind=lambda p: 3600.0,
     )
     got = collect(receiver, len(history), timeout=15.0)
     assert {p for ps in assigned for p in ps} == {0, 1}
@@ -339,7 +350,10 @@ def test_group_receiver_with_rewind_starts_by_time(env: Env) -> None:
     # a record appended before "now - rewind" is not read: a short rewind starts at the end
     late: list[list[int]] = []
     short = env.receiver(
-        topic, group=f"g-{uuid.uuid4().hex[:10]}", on_assign=late.append, rewind=0.001
+        topic,
+        group=f"g-{uuid.uuid4().hex[:10]}",
+        on_assign=late.append,
+        rewind=lambda p: 0.001 if p else None,
     )
     wait_assigned(short, late, {0, 1})
     sender.send(topic, 1, b"new")
