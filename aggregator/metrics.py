@@ -151,6 +151,23 @@ class AggregatorCollector(Collector):
         yield _counter(
             "drl_aggregator_rebuilds", "Newly assigned partitions rebuilt and granting.", s.rebuilds
         )
+        yield _counter(
+            "drl_aggregator_checkpoint_restores",
+            "Rebuilds that started from a window checkpoint in Redis.",
+            s.checkpoint_restores,
+        )
+        store = agg.checkpoints
+        if store is not None:
+            yield _counter(
+                "drl_aggregator_checkpoints_written",
+                "Window checkpoints written to Redis.",
+                store.written,
+            )
+            yield _counter(
+                "drl_aggregator_checkpoint_errors",
+                "Checkpoint reads or writes that failed, and checkpoints that did not decode.",
+                store.errors,
+            )
         yield _counter("drl_aggregator_ticks", "Allocation ticks run.", s.ticks)
         yield _gauge(
             "drl_aggregator_last_tick_duration_seconds",

@@ -104,6 +104,51 @@ class PartitionState:
             self.pair_server[new] = raw % MAX_SERVERS
         return slots
 
+    def _rows(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """The client slots of ``keys`` (new ones added), the ring advanced to ``now``."""
+        self.ring.advance(now)
+        clients = self.clients.lookup_or_insert(keys)
+        n = len(self.clients)
+        self.ring.ensure_rows(n)
+        self.held = _grow(self.held, n)
+        self.last_active = _grow(self.last_active, n)
+        return clients
+
+    def history(self, now: float, width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The window as ``(keys, ages, tokens)``: each client's charges summed into age slots of
+        ``width`` seconds; a charge of age ``a`` (seconds before ``now``, by its bucket's end)
+        goes to the slot ``floor(a / width)``, whose age is ``slot * width <= a``: charged back
+        at ``now - slot * width``, it counts at least as long as it did here (conservative)."""
+        ring = self.ring
+        n = len(self.clients)
+        if ring.current is None or n == 0:
+            return np.zeros(0, dtype=np.uint64), _EMPTY_F, _EMPTY_F
+        ring.advance(now)
+        keys, ages, tokens = [], [], []
+        for j in range(ring.current - ring.back, ring.current + ring.ahead + 1):
+            age = max(0.0, now - (j + 1) * ring.bucket)
+            if age >= self.window:
+                continue
+            column = ring.charges[:n, j % ring.k]
+            rows = np.flatnonzero(column)
+            if rows.size:
+                keys.append(self.clients.slot_keys[rows])
+                ages.append(np.full(rows.size, np.floor(age / width) * width))
+                tokens.append(column[rows])
+        if not keys:
+            return np.zeros(0, dtype=np.uint64), _EMPTY_F, _EMPTY_F
+        return np.concatenate(keys), np.concatenate(ages), np.concatenate(tokens)
+
+    def restore(self, keys: np.ndarray, ages: np.ndarray, tokens: np.ndarray, now: float) -> None:
+        """Charge ``tokens`` of each of ``keys`` at ``now - ages`` (a checkpoint's window)."""
+        if keys.size == 0:
+            return
+        clients = self._rows(keys, now)
+        for age in np.unique(ages):
+            sel = ages == age
+            self.ring.charge(clients[sel], tokens[sel], now - float(age))
+        np.maximum.at(self.last_active, clients, now - ages)
+
     def apply(
         self,
         records: np.ndarray,
@@ -122,12 +167,7 @@ class PartitionState:
         """
         if records.size == 0:
             return
-        self.ring.advance(now)
-        clients = self.clients.lookup_or_insert(records["key"])
-        n = len(self.clients)
-        self.ring.ensure_rows(n)
-        self.held = _grow(self.held, n)
-        self.last_active = _grow(self.last_active, n)
+        clients = self._rows(records["key"], now)
         admitted = records["admitted"].astype(np.float64)
         extra = records["extra"].astype(np.float64)
         at = now if admitted_by is None else admitted_by

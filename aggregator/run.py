@@ -45,6 +45,7 @@ from producer.transport import (
     Transport,
 )
 
+from .checkpoint import CheckpointStore
 from .http import DEFAULT_HOST, DEFAULT_PORT, OpsServer
 from .metrics import AggregatorCollector, new_registry, tick_histogram
 from .service import (
@@ -164,6 +165,18 @@ OPTIONS: tuple[Option, ...] = (
         _seconds,
         "seconds of silence after which a server is inactive",
     ),
+    Option(
+        "redis_url",
+        "DRL_AGG_REDIS_URL",
+        _optional_text,
+        "Redis for window checkpoints (redis[s]://[user:password@]host:port/db; none: off)",
+    ),
+    Option(
+        "checkpoint_interval",
+        "DRL_AGG_CHECKPOINT_INTERVAL",
+        _optional_seconds,
+        "seconds between window checkpoints (default window/60 within 5..300)",
+    ),
     Option("usage_topic", "DRL_AGG_USAGE_TOPIC", _text, "usage topic"),
     Option("grants_topic", "DRL_AGG_GRANTS_TOPIC", _text, "grants topic"),
     Option("group", "DRL_AGG_GROUP", _text, "consumer group of the aggregators"),
@@ -198,6 +211,8 @@ class RunSettings:
     usage_topic: str = USAGE_TOPIC
     grants_topic: str = GRANTS_TOPIC
     group: str = DEFAULT_GROUP
+    redis_url: str | None = None
+    checkpoint_interval: float | None = None
     id: str | None = None
     duration: float | None = None
     stats_file: str | None = None
@@ -698,6 +713,7 @@ def _run(settings: RunSettings) -> int:
             usage_topic=settings.usage_topic,
             grants_topic=settings.grants_topic,
             group=settings.group,
+            checkpoint_interval=settings.checkpoint_interval,
             **extra,
         )
     except ValueError as e:
@@ -753,7 +769,12 @@ def _run(settings: RunSettings) -> int:
             make_transport(settings.kafka_bootstrap, client=settings.client, config=kafka_config)
         )
         try:
-            aggregator = Aggregator(config, transport)
+            checkpoints = (
+                None
+                if settings.redis_url is None
+                else CheckpointStore(settings.redis_url, config.group, config.usage_topic)
+            )
+            aggregator = Aggregator(config, transport, checkpoints=checkpoints)
         except Exception as e:
             event(logging.ERROR, "startup_failed", error=f"{type(e).__name__}: {e}")
             return 1
@@ -785,6 +806,8 @@ def _run(settings: RunSettings) -> int:
         event(logging.INFO, "stopping", cause=cause, **_summary(aggregator))
         try:
             aggregator.close()
+            if aggregator.checkpoints is not None:
+                aggregator.checkpoints.close()
         except Exception as e:
             event(logging.ERROR, "close_failed", error=f"{type(e).__name__}: {e}")
             code = code or 1

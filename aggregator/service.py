@@ -47,6 +47,7 @@ from limiter import Policy
 from producer import wire
 from producer.transport import GRANTS_TOPIC, USAGE_TOPIC, QueueFull, Record, Transport
 
+from .checkpoint import SLOTS, Checkpoint, CheckpointStore
 from .partition import MAX_SERVERS, PartitionState
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class AggregatorConfig:
     aggregator_id: str = field(default_factory=_default_id)
     #: Rebuild a newly assigned partition's window from the usage topic before granting.
     rebuild: bool = True
+    #: Seconds between checkpoints of each partition's window (with a checkpoint store);
+    #: default: window / 60, within [5 s, 300 s].
+    checkpoint_interval: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("tick", "server_timeout"):
@@ -99,6 +103,10 @@ class AggregatorConfig:
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {v!r}")
         if self.tick <= 0:
             raise ValueError("tick must be > 0 seconds")
+        if self.checkpoint_interval is not None and not self.checkpoint_interval > 0:
+            raise ValueError(
+                f"checkpoint_interval must be > 0 seconds, got {self.checkpoint_interval!r}"
+            )
         if self.lease_ttl is not None and not self.lease_ttl > 0:
             raise ValueError(f"lease_ttl must be > 0 seconds, got {self.lease_ttl!r}")
         if self.server_timeout <= self.ttl:
@@ -123,6 +131,13 @@ class AggregatorConfig:
         the window is a whole number of buckets."""
         raw = max(self.tick / 2, self.policy.window / 128)
         return self.policy.window / math.ceil(self.policy.window / raw)
+
+    @property
+    def checkpoint_every(self) -> float:
+        """Seconds between checkpoints (see ``checkpoint_interval``)."""
+        if self.checkpoint_interval is not None:
+            return self.checkpoint_interval
+        return min(max(self.policy.window / 60, 5.0), 300.0)
 
     @property
     def takeover_wait(self) -> float:
@@ -157,6 +172,8 @@ class AggregatorStats:
     #: usage records replayed into rebuilt partitions' windows, and partitions rebuilt
     replayed_records: int = 0
     rebuilds: int = 0
+    #: rebuilds that started from a checkpoint
+    checkpoint_restores: int = 0
 
 
 #: Seconds one window of the server clock-offset estimate lasts (the estimate spans two).
@@ -220,9 +237,16 @@ class Aggregator:
         transport: Transport,
         *,
         clock: Callable[[], float] = time.monotonic,
+        checkpoints: CheckpointStore | None = None,
     ) -> None:
         self.config = config
         self.stats = AggregatorStats()
+        self.checkpoints = checkpoints
+        #: checkpoints loaded while partitions were assigned, restored in ``_assigned``
+        self._restores: dict[int, Checkpoint] = {}
+        #: partition -> append time (epoch s) of the newest usage record applied
+        self._appended: dict[int, float] = {}
+        self._next_checkpoint = clock() + config.checkpoint_every
         self.epoch = secrets.randbits(63)
         self._clock = clock
         self._transport = transport
@@ -252,11 +276,18 @@ class Aggregator:
             for p in partitions:
                 if p in self._partitions:
                     continue
-                self._partitions[p] = self._new_partition()
+                state = self._partitions[p] = self._new_partition()
+                self._appended.pop(p, None)
                 if self.config.rebuild:
-                    self._rebuilding[p] = _Rebuild(now)
+                    rebuild = self._rebuilding[p] = _Rebuild(now)
                     for server in self._by_index:  # the replay starts the sequences over
                         server.seqs.pop(p, None)
+                    checkpoint = self._restores.pop(p, None)
+                    if checkpoint is not None:
+                        ages = checkpoint.ages + max(0.0, rebuild.wall - checkpoint.taken_at)
+                        state.restore(checkpoint.keys, ages, checkpoint.tokens, now)
+                        rebuild.replayed += int(checkpoint.keys.size)
+                        self.stats.checkpoint_restores += 1
         log.info("aggregator %s assigned %s", self.config.aggregator_id, partitions)
 
     def _revoked(self, partitions: list[int]) -> None:
@@ -264,11 +295,22 @@ class Aggregator:
             for p in partitions:
                 self._partitions.pop(p, None)
                 self._rebuilding.pop(p, None)
+                self._appended.pop(p, None)
         log.info("aggregator %s revoked %s", self.config.aggregator_id, partitions)
 
     def _rewind(self, partition: int) -> float | None:
-        """Seconds of ``partition`` a rebuild replays (called as the partition is assigned)."""
-        return self.config.rewind
+        """Seconds of ``partition`` a rebuild replays (called as the partition is assigned):
+        the window and a margin, or less from a checkpoint still inside the window."""
+        back = self.config.rewind
+        if self.checkpoints is None or back is None:
+            return back
+        checkpoint = self.checkpoints.load(partition)
+        wall = time.time()
+        window = self.config.policy.window
+        if checkpoint is None or checkpoint.window != window or checkpoint.taken_at < wall - window:
+            return back
+        self._restores[partition] = checkpoint
+        return min(back, max(0.0, wall - checkpoint.resume_from))
 
     def rebuilding(self) -> list[int]:
         """Owned partitions that do not grant yet: replaying, or waiting out old leases."""
@@ -329,6 +371,8 @@ class Aggregator:
             state = self._partitions.get(record.partition)
             if state is None:
                 return False
+            if record.timestamp > self._appended.get(record.partition, -math.inf):
+                self._appended[record.partition] = record.timestamp
             rebuild = self._rebuilding.get(record.partition)
             if rebuild is not None and record.timestamp < rebuild.wall:
                 # history: into the window only, at the interval's end (or the append time)
@@ -404,6 +448,9 @@ class Aggregator:
                     strict=True,
                 ):
                     per_server.setdefault(int(s), []).append((k, t))
+            if self.checkpoints is not None and now >= self._next_checkpoint:
+                self._next_checkpoint = now + c.checkpoint_every
+                self._checkpoint(now)
             self._ticks_since_compact += 1
             if self._ticks_since_compact >= 100:
                 self._ticks_since_compact = 0
@@ -422,6 +469,18 @@ class Aggregator:
             self._send_grants(name, records, now, len(active))
         self.stats.ticks += 1
         self.stats.last_tick_seconds = time.perf_counter() - started
+
+    def _checkpoint(self, now: float) -> None:
+        """Queue a checkpoint of every rebuilt partition (holding ``_lock``)."""
+        assert self.checkpoints is not None
+        wall = time.time()
+        window = self.config.policy.window
+        for p, state in self._partitions.items():
+            if p in self._rebuilding:
+                continue
+            keys, ages, tokens = state.history(now, window / SLOTS)
+            resume = self._appended.get(p, wall) - REWIND_MARGIN
+            self.checkpoints.save(p, Checkpoint(wall, resume, window, keys, ages, tokens))
 
     def _send_grants(self, server: str, records: np.ndarray, now: float, active: int) -> None:
         self._seq += 1
