@@ -4,6 +4,8 @@ Subcommands:
 
 - ``drl aggregator run --limit "100/minute"``: one aggregator until SIGTERM (:mod:`aggregator.run`).
 - ``drl topics create|describe``: the usage and grant topics (:mod:`aggregator.topics`).
+- ``drl limits set|get|list|delete|tier-set|tier-assign|...``: per-client limits in Redis
+  (:mod:`aggregator.limits_cli`).
 - ``drl demo``: the whole system on this machine under a Zipf HTTP load, with a report
   (:mod:`aggregator.demo`; ``--embedded``: one process, no Kafka).
 - ``drl smoke``: checks the wiring to Kafka and Redis end to end: produces a record with
@@ -28,6 +30,7 @@ from typing import Any
 
 from .demo import add_arguments as add_demo_arguments
 from .demo import cmd_demo
+from .limits_cli import add_parser as add_limits_parser
 from .run import add_arguments as add_run_arguments
 from .run import cmd_run
 from .topics import add_parser as add_topics_parser
@@ -261,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(run, default_kafka_bootstrap())
     run.set_defaults(func=cmd_run)
     add_topics_parser(sub, default_kafka_bootstrap())
+    add_limits_parser(sub, default_redis_url())
 
     demo = sub.add_parser(
         "demo",

@@ -8,6 +8,13 @@ True
 
 from .algorithms import ALGORITHMS
 from .clientid import MAX_CLIENT_ID_LENGTH
+from .config import (
+    ConfigurationService,
+    RateLimitConfiguration,
+    StaticConfigurationService,
+)
+from .config_redis import RedisConfigurationService
+from .configured import ConfiguredLimiter
 from .decision import Decision, Reason
 from .errors import AcquireTimeout, RateLimitExceeded
 from .rate import DEFAULT_ALGORITHM, Policy, parse_rate, parse_rates
@@ -28,12 +35,17 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_AGE",
     "MAX_CLIENT_ID_LENGTH",
     "AcquireTimeout",
+    "ConfigurationService",
+    "ConfiguredLimiter",
     "Decision",
     "Policy",
+    "RateLimitConfiguration",
     "RateLimitExceeded",
     "RateLimiter",
     "Reason",
+    "RedisConfigurationService",
     "Request",
+    "StaticConfigurationService",
     "StrictLimiter",
     "parse_rate",
     "parse_rates",
