@@ -17,6 +17,12 @@ apply grants every 50 ms), and failures (the aggregator paused, or restarted wit
 a server crashed and maybe restarted). The loop: deliveries, allocation ticks, usage reports and
 requests, in time order.
 
+For comparison, ``SimConfig.mode`` can also replace the whole approximate mode by local-mode
+limiters (the real :class:`limiter.RateLimiter` with a local algorithm, no agents, no
+aggregator): ``"local"``, every server enforcing ``L`` on its own (fully disconnected; with one
+server, the plain local mode), or ``"static"``, every server enforcing ``max(1, ⌊L/N⌋)`` (a
+permanent static split of the limit).
+
 ``Simulation(config, workload).run()`` returns a :class:`SimResult`: per client the most admitted
 in any window against the limit, the utilisation of saturated clients, false rejections (refusals
 while the client had fewer than its limit in the trailing window), the raw request log for time
@@ -35,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from limiter import Policy, RateLimiter, Request
+from limiter import ALGORITHMS, Policy, RateLimiter, Request
 from limiter.keys import client_key
 from limiter.lease import LeaseOptions
 from limiter.ratelimiter import Usage
@@ -52,8 +58,12 @@ WAIT_POLL = 0.005
 
 #: Where an admission (or refusal) was decided: from a live lease, by the cold-start rule, by the
 #: degraded share. ``LOST``: never decided (the server crashed while the request waited, or no
-#: server was alive).
-LEASE, COLD, DEGRADED, LOST = 0, 1, 2, 3
+#: server was alive). ``LOCAL``: by a server's local algorithm (modes ``local`` and ``static``).
+LEASE, COLD, DEGRADED, LOST, LOCAL = 0, 1, 2, 3, 4
+
+#: ``SimConfig.mode``: the approximate mode (leases), every server a local limiter enforcing
+#: ``L`` (fully disconnected), or every server enforcing ``max(1, ⌊L/N⌋)`` (a static split).
+MODES = ("approximate", "local", "static")
 
 # event kinds, in the order they run at the same instant
 _USAGE, _GRANT, _AGG_DOWN, _AGG_UP, _FAIL, _RESTART, _TICK, _POLL, _REPORT, _WAKE = range(10)
@@ -159,10 +169,22 @@ class SimConfig:
     warmup: float | None = None
     #: clients whose tokens in live leases (summed over servers) are sampled at every tick
     track: tuple[int, ...] = ()
+    #: ``approximate`` (the default: leases, agents, the aggregator); ``local``: every server a
+    #: local-mode :class:`~limiter.RateLimiter` enforcing ``L`` on its own with
+    #: ``local_algorithm`` (fully disconnected servers; with one server, the plain local mode);
+    #: ``static``: the same, each enforcing ``max(1, ⌊L/N⌋)`` (a permanent static split). The
+    #: local modes run no agent and no aggregator: reports, ticks, grants and aggregator outages
+    #: do not happen; server failures do (a restarted server starts empty).
+    mode: str = "approximate"
+    local_algorithm: str = "sliding_log"
 
     def __post_init__(self) -> None:
         if self.servers < 1 or self.limit < 1 or self.window <= 0 or self.duration <= 0:
             raise ValueError("need servers >= 1, limit >= 1, window > 0, duration > 0")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}: one of {', '.join(MODES)}")
+        if self.local_algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown local_algorithm {self.local_algorithm!r}")
         if self.report_interval <= 0 or self.tick <= 0:
             raise ValueError("report_interval and tick must be > 0")
         for f in self.server_failures:
@@ -209,10 +231,31 @@ class SimConfig:
             lease_ttl=self.ttl,
             server_timeout=self.timeout,
             aggregator_id=name,
+            # the simulated topic keeps no history to replay (an outage restarts empty)
+            rebuild=False,
         )
 
+    @property
+    def local(self) -> bool:
+        """Servers decide with local-mode limiters (modes ``local`` and ``static``)."""
+        return self.mode != "approximate"
+
+    @property
+    def server_limit(self) -> int:
+        """What each server enforces on its own in the local modes: ``L`` (``local``) or
+        ``max(1, ⌊L/N⌋)`` (``static``; the shares sum to at most ``L`` while ``N ≤ L``)."""
+        if self.mode == "static":
+            return max(1, self.limit // self.servers)
+        return self.limit
+
     def bound(self) -> int:
-        """docs/consistency.md, healthy: ``L + N·a`` (``L`` for ``wait`` and ``reject``)."""
+        """docs/consistency.md, healthy: ``L + N·a`` (``L`` for ``wait`` and ``reject``). In the
+        local modes, ``N`` times what one server can admit in a window (docs/algorithms.md):
+        its limit with the sliding log, twice it with the others (``B + L`` with the default
+        burst ``B = L``, ``2L`` for the window counters)."""
+        if self.local:
+            per_server = self.server_limit * (1 if self.local_algorithm == "sliding_log" else 2)
+            return self.servers * per_server
         return self.limit + self.servers * self.allowance
 
     def lag(self) -> float:
@@ -227,7 +270,10 @@ class SimConfig:
         return self.report_interval + self.tick + self.delay.median + grants
 
     def predicted_utilisation(self) -> float:
-        """``W / (W + lag)``: the share of ``L`` a saturated client gets (docs/consistency.md)."""
+        """``W / (W + lag)``: the share of ``L`` a saturated client gets (docs/consistency.md);
+        nan in the local modes, where it depends on how the client's requests spread."""
+        if self.local:
+            return math.nan
         return self.window / (self.window + self.lag())
 
 
@@ -279,11 +325,24 @@ class Workload:
         return Workload(times[order], clients[order], servers[order], ("schedule",) * n)
 
 
+#: Where the load balancer sends a workload's requests: ``random`` (any server), ``sticky``
+#: (client mod N), ``spray`` (round robin over every server, per client), a server index, or a
+#: tuple of server indices (at random among those: a client whose traffic lands on a few servers).
+Routing = str | int | tuple[int, ...]
+
+
 def _route(
-    rng: np.random.Generator, clients: np.ndarray, servers: int, routing: str | int
+    rng: np.random.Generator, clients: np.ndarray, servers: int, routing: Routing
 ) -> np.ndarray:
     if isinstance(routing, int):
         return np.full(clients.size, routing, dtype=np.int64)
+    if isinstance(routing, tuple):
+        if not routing or min(routing) < 0 or max(routing) >= servers:
+            raise ValueError(f"routing {routing!r} names no server or one out of 0..{servers - 1}")
+        chosen: np.ndarray = np.asarray(routing, dtype=np.int64)[
+            rng.integers(0, len(routing), clients.size)
+        ]
+        return chosen
     if routing == "random":
         return rng.integers(0, servers, clients.size)
     if routing == "sticky":
@@ -294,7 +353,9 @@ def _route(
             idx = np.flatnonzero(clients == c)
             out[idx] = np.arange(idx.size) % servers
         return out
-    raise ValueError(f"unknown routing {routing!r}: random, sticky, spray or a server index")
+    raise ValueError(
+        f"unknown routing {routing!r}: random, sticky, spray, a server index or a tuple of them"
+    )
 
 
 def poisson(
@@ -303,7 +364,7 @@ def poisson(
     servers: int,
     *,
     seed: int = 0,
-    routing: str | int = "random",
+    routing: Routing = "random",
     label: str = "poisson",
     start: float = 0.0,
 ) -> Workload:
@@ -361,7 +422,7 @@ def bursty(
     on: float = 2.0,
     off: float = 8.0,
     seed: int = 0,
-    routing: str | int = "random",
+    routing: Routing = "random",
     label: str = "bursty",
 ) -> Workload:
     """On/off clients: ``load`` times the limit while on; on and off periods exponential with
@@ -468,6 +529,7 @@ class _Endpoint:
         group: str | None = None,
         on_assign: Any = None,
         on_revoke: Any = None,
+        rewind: Any = None,
     ) -> _Inbox:
         if on_assign is not None:
             on_assign(list(range(self.partitions(topic))))
@@ -491,6 +553,10 @@ class _Endpoint:
 
     @property
     def errors(self) -> int:
+        return 0
+
+    @property
+    def queued(self) -> int:
         return 0
 
 
@@ -597,8 +663,10 @@ _Grants = tuple[np.ndarray, np.ndarray]
 class _Server:
     index: int
     name: str
-    limiter: _Metered
-    agent: Agent
+    #: a :class:`_Metered` approximate-mode limiter, or a local-mode one (modes local, static)
+    limiter: RateLimiter
+    #: None in the local modes
+    agent: Agent | None
     endpoint: _Endpoint
     started: float
     alive: bool = True
@@ -625,6 +693,40 @@ def worst_windows(times: np.ndarray, groups: np.ndarray, n: int, window: float) 
     order = np.argsort(x, kind="stable")
     np.maximum.at(out, groups[order], _windows(x[order], window))
     return out
+
+
+def misjudged(
+    times: np.ndarray,
+    clients: np.ndarray,
+    admitted: np.ndarray,
+    limit: int,
+    window: float,
+    n: int,
+    judged: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per client (0..n-1), the decisions an exact sliding log would have made otherwise, given
+    what was admitted before each one: ``(wrongly_allowed, wrongly_limited)``, the admissions
+    while the client already had ``limit`` admissions in ``(t - window, t]``, and the refusals
+    while it had fewer. Requests at the same time count in the order given; only the ``judged``
+    ones (default: all) are classified, but every admission counts as history. A sliding log's
+    own decisions are never misjudged (up to float rounding at exactly ``window`` apart)."""
+    allowed = np.zeros(n, dtype=np.int64)
+    limited = np.zeros(n, dtype=np.int64)
+    if times.size == 0:
+        return allowed, limited
+    judged = np.ones(times.size, dtype=bool) if judged is None else judged
+    order = np.lexsort((np.arange(times.size), times, clients))
+    c, t, a, j = clients[order], times[order], admitted[order], judged[order]
+    edges = np.flatnonzero(np.diff(c)) + 1
+    for lo, hi in zip(np.r_[0, edges], np.r_[edges, c.size], strict=True):
+        tt, aa, jj = t[lo:hi], a[lo:hi], j[lo:hi]
+        before = np.cumsum(aa) - aa  # admissions earlier in the order
+        stamps = tt[aa]
+        inside = before - np.searchsorted(stamps, tt - window, side="right")
+        full = inside >= limit
+        allowed[c[lo]] = int((aa & jj & full).sum())
+        limited[c[lo]] = int((~aa & jj & ~full).sum())
+    return allowed, limited
 
 
 @dataclass
@@ -696,6 +798,20 @@ class SimResult:
         limit: the harm done to clients the limiter should leave alone."""
         light = self.light
         return float(self.false_rejections[light].sum() / max(1, self.offered[light].sum()))
+
+    def misjudged(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per client ``(wrongly_allowed, wrongly_limited)`` against the exact sliding log, given
+        what was admitted before each decision (:func:`misjudged`; requests never decided,
+        ``LOST``, are not judged). ``wrongly_limited`` is ``false_rejections`` but for ties."""
+        return misjudged(
+            self.decided,
+            self.clients,
+            self.admitted,
+            self.limit,
+            self.config.window,
+            self.offered.size,
+            self.source != LOST,
+        )
 
     def summary(self) -> dict[str, float]:
         c = self.config
@@ -825,6 +941,15 @@ class Simulation:
     def _start_server(self, s: int) -> _Server:
         c = self.config
         name = f"server-{s}"
+        if c.local:
+            local = RateLimiter(
+                c.server_limit,
+                c.window,
+                algorithm=c.local_algorithm,
+                clock=self._clock(self._skew[s]),
+                shards=1,
+            )
+            return _Server(s, name, local, None, _Endpoint(self, name), self.t)
         limiter = _Metered(
             self.accounts,
             self._keymap,
@@ -916,7 +1041,7 @@ class Simulation:
             self._on_poll(server)
 
     def _on_poll(self, server: _Server) -> None:
-        if not server.alive or not server.endpoint.inbox.records:
+        if not server.alive or not server.endpoint.inbox.records or server.agent is None:
             return
         for grants in server.pending:
             np.add.at(self.accounts.delivered, *grants)
@@ -994,6 +1119,11 @@ class Simulation:
         lim = server.limiter
         name = self.names[self.workload.clients[i]]
         now = lim.now()
+        if self.config.local:
+            self._source[i] = LOCAL
+            self._decided_by[i] = server.index
+            self._admitted[i] = lim.allow_request(name, Request(now))
+            return
         if lim.lease_info(name) is not None:
             source = LEASE
         elif lim.lease.degraded(now):
@@ -1023,14 +1153,15 @@ class Simulation:
         end = T0 + c.duration
         phases = self._rng.uniform(0.0, c.report_interval, c.servers)
         polls = self._rng.uniform(0.0, max(c.grant_poll, 0.0), c.servers)
-        for s in range(c.servers):
-            self._push(T0 + phases[s], _REPORT, s)
-            if c.grant_poll > 0:
-                self._push(T0 + polls[s], _POLL, s)
-        self._push(T0, _TICK, None)
-        for o in c.aggregator_outages:
-            self._push(T0 + o.start, _AGG_DOWN, o)
-            self._push(T0 + o.end, _AGG_UP, o)
+        if not c.local:  # the local modes have no agents and no aggregator
+            for s in range(c.servers):
+                self._push(T0 + phases[s], _REPORT, s)
+                if c.grant_poll > 0:
+                    self._push(T0 + polls[s], _POLL, s)
+            self._push(T0, _TICK, None)
+            for o in c.aggregator_outages:
+                self._push(T0 + o.start, _AGG_DOWN, o)
+                self._push(T0 + o.end, _AGG_UP, o)
         for f in c.server_failures:
             self._push(T0 + f.start, _FAIL, f.server)
             if f.end is not None:
@@ -1067,7 +1198,7 @@ class Simulation:
             self._on_grant(*arg)
         elif kind == _REPORT:
             server = self.servers[arg]
-            if server.alive:
+            if server.alive and server.agent is not None:
                 server.agent.report_once()
             self._push(self.t + c.report_interval, _REPORT, arg)
         elif kind == _POLL:
@@ -1109,7 +1240,7 @@ class Simulation:
             for grants in server.pending:
                 np.add.at(self.accounts.in_flight, *grants)
         # the last drain: every limiter ever started, so the token account closes
-        for lim in [s.limiter for s in (*self._retired, *self.servers)]:
+        for lim in [s.limiter for s in (*self._retired, *self.servers) if s.agent is not None]:
             lim.drain_usage()
             for cl, name in enumerate(self.names):
                 info = lim.lease_info(name)
@@ -1128,7 +1259,7 @@ class Simulation:
             self._decided, w.clients, adm, self._source != LOST, c.limit, c.window, k
         )
         self.stats["wall_seconds"] = seconds
-        agents = [s.agent.stats for s in (*self._retired, *self.servers)]
+        agents = [s.agent.stats for s in (*self._retired, *self.servers) if s.agent is not None]
         for name in ("grants_installed", "grants_unknown", "batches_late", "malformed", "errors"):
             self.stats[f"agent_{name}"] = sum(getattr(a, name) for a in agents)
         aggs = [a.stats for a in (*self._old_aggregators, self.aggregator)]

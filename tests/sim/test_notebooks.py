@@ -18,7 +18,12 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-MINE = ("01-accuracy-vs-sync-interval.ipynb", "03-cold-start-and-degraded.ipynb")
+MINE = (
+    "01-accuracy-vs-sync-interval.ipynb",
+    "02-algorithms-compared.ipynb",
+    "03-cold-start-and-degraded.ipynb",
+    "05-published-anchors.ipynb",
+)
 #: Each notebook takes < 20 s in CI mode on a developer machine; this leaves room for slow CI.
 BUDGET = 60.0
 

@@ -272,3 +272,180 @@ def test_agrees_with_the_cluster_measurement() -> None:
     # the real run's agents drained 815 tokens admitted outside leases (cold starts)
     assert abs(r.accounts.extra.sum() - 815) <= 0.1 * 815
     assert r.conservation_error() == 0.0
+
+
+# -- the local modes: disconnected servers and a static split -----------------------------------
+
+
+def replay_alone(r: sim.SimResult) -> np.ndarray:
+    """Each server's requests, in order, through a standalone local-mode limiter enforcing what
+    that server enforces, on that server's clock: the decisions the simulator must reproduce."""
+    from limiter import RateLimiter, Request
+
+    c = r.config
+    out = np.zeros(r.times.size, dtype=bool)
+    now = [0.0]
+    for s in range(c.servers):
+        skew = c.skews[s] if s < len(c.skews) else 0.0
+        lim = RateLimiter(
+            c.server_limit, c.window, algorithm=c.local_algorithm, clock=lambda: now[0]
+        )
+        for i in np.flatnonzero(r.servers == s):
+            now[0] = float(r.times[i] + sim.T0) + skew
+            out[i] = lim.allow_request(f"client-{r.clients[i]}", Request(now[0]))
+    return out
+
+
+@FAST
+@given(
+    scenarios(),
+    st.sampled_from(["local", "static"]),
+    st.sampled_from(["sliding_log", "token_bucket", "gcra", "fixed_window", "sliding_window"]),
+)
+def test_local_modes_are_independent_local_limiters(
+    scenario: tuple[sim.SimConfig, sim.Workload], mode: str, algorithm: str
+) -> None:
+    """``mode="local"`` / ``"static"``: every server decides alone with the real local-mode
+    limiter (``L``, or ``max(1, ⌊L/N⌋)``), exactly as a standalone one fed that server's
+    requests would; nothing is granted; no window holds more than ``N`` times what one server
+    may admit (``config.bound()``), and with the sliding log no server admits more than its
+    limit in any window."""
+    config, work = scenario
+    config = replace(config, mode=mode, local_algorithm=algorithm)
+    r = sim.simulate(config, work)
+    assert (r.source == sim.LOCAL).all()
+    np.testing.assert_array_equal(r.servers, work.servers)
+    np.testing.assert_array_equal(r.admitted, replay_alone(r))
+    share = config.limit if mode == "local" else max(1, config.limit // config.servers)
+    assert config.server_limit == share
+    assert r.worst.max(initial=0) <= config.bound()
+    if algorithm == "sliding_log":
+        assert r.worst_by_server().max(initial=0) <= share
+        assert config.bound() == config.servers * share
+    assert r.accounts.granted.sum() == r.accounts.admitted.sum() == 0
+    assert r.conservation_error() == 0.0
+    assert r.stats["usage_batches"] == r.stats["grant_batches"] == 0
+    assert math.isnan(config.predicted_utilisation())
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(st.integers(1, 8), st.integers(20, 200), st.data())
+def test_disconnected_gives_n_l_and_a_static_split_k_over_n(
+    servers: int, limit: int, data: st.DataObject
+) -> None:
+    """A client offering ``4·N·L`` over every server: disconnected servers admit close
+    to ``N·L`` per window, a static split at most ``N·⌊L/N⌋``. A client whose traffic lands on
+    ``k`` servers gets at most ``k·⌊L/N⌋`` per window from the static split."""
+    window, duration = 1.0, 4.0
+    k = data.draw(st.integers(1, servers))
+    flood = sim.spray(4.0 * servers, limit, window, duration, servers, seed=limit)
+    few = sim.poisson(
+        [2.0 * limit / window], duration, servers, seed=limit + 1, routing=tuple(range(k))
+    )
+    work = flood + few
+    assert set(few.servers.tolist()) <= set(range(k))
+    base = sim.SimConfig(limit=limit, window=window, servers=servers, duration=duration)
+    local = sim.simulate(replace(base, mode="local"), work)
+    assert local.worst[0] <= servers * limit
+    assert local.per_window[0] >= 0.85 * servers * limit
+    static = sim.simulate(replace(base, mode="static"), work)
+    share = max(1, limit // servers)
+    assert static.worst[0] <= servers * share
+    assert static.worst[1] <= k * share
+    assert static.per_window[1] >= 0.8 * k * share
+
+
+def test_local_mode_config() -> None:
+    with pytest.raises(ValueError):
+        sim.SimConfig(mode="strict")
+    with pytest.raises(ValueError):
+        sim.SimConfig(mode="local", local_algorithm="leaky")
+    assert sim.SimConfig(limit=100, servers=3, mode="static").server_limit == 33
+    assert sim.SimConfig(limit=2, servers=3, mode="static").server_limit == 1
+    assert sim.SimConfig(limit=100, servers=3, mode="local").bound() == 300
+    assert sim.SimConfig(limit=100, servers=3, mode="local", local_algorithm="gcra").bound() == 600
+    assert sim.SimConfig(limit=100, servers=3).bound() == 103  # approximate: L + N·a
+
+
+def test_routing_to_a_set_of_servers() -> None:
+    w = sim.poisson([500.0], 2.0, 6, seed=3, routing=(1, 4))
+    assert set(w.servers.tolist()) == {1, 4}
+    with pytest.raises(ValueError):
+        sim.poisson([5.0], 1.0, 4, routing=(1, 4))
+    with pytest.raises(ValueError):
+        sim.poisson([5.0], 1.0, 4, routing=())
+
+
+# -- misjudged decisions against the exact sliding log ------------------------------------------
+
+
+def naive_misjudged(
+    times: np.ndarray, clients: np.ndarray, admitted: np.ndarray, limit: int, window: float, n: int
+) -> tuple[list[int], list[int]]:
+    allowed, limited = [0] * n, [0] * n
+    order = sorted(range(times.size), key=lambda i: (times[i], i))
+    for pos, i in enumerate(order):
+        inside = sum(
+            1
+            for j in order[:pos]
+            if clients[j] == clients[i] and admitted[j] and times[i] - window < times[j]
+        )
+        if admitted[i] and inside >= limit:
+            allowed[clients[i]] += 1
+        if not admitted[i] and inside < limit:
+            limited[clients[i]] += 1
+    return allowed, limited
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 16), st.integers(0, 2), st.booleans()), min_size=0, max_size=40
+    ),
+    st.integers(1, 4),
+)
+def test_misjudged_matches_a_naive_model(log: list[tuple[int, int, bool]], limit: int) -> None:
+    """On random logs (times on a grid of quarter seconds, exact in binary, so that ties and
+    gaps of exactly one window happen)."""
+    times = np.array([t / 4 for t, _, _ in log], dtype=np.float64)
+    clients = np.array([c for _, c, _ in log], dtype=np.int64)
+    admitted = np.array([a for _, _, a in log], dtype=bool)
+    got = sim.misjudged(times, clients, admitted, limit, 1.0, 3)
+    want = naive_misjudged(times, clients, admitted, limit, 1.0, 3)
+    assert [x.tolist() for x in got] == [want[0], want[1]]
+
+
+def test_misjudged_on_a_known_log() -> None:
+    """L = 2 per 1 s. A fixed window admits 0.9, 0.95, then 1.0 and 1.05 (a new aligned window):
+    the last two are wrongly allowed. A refusal at 2.5 with nothing in (1.5, 2.5] is wrongly
+    limited; one at 1.06 (two in the window) is not."""
+    times = np.array([0.9, 0.95, 1.0, 1.05, 1.06, 2.5])
+    admitted = np.array([True, True, True, True, False, False])
+    allowed, limited = sim.misjudged(times, np.zeros(6, dtype=np.int64), admitted, 2, 1.0, 1)
+    assert allowed.tolist() == [2] and limited.tolist() == [1]
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(scenarios())
+def test_a_sliding_log_is_never_misjudged(scenario: tuple[sim.SimConfig, sim.Workload]) -> None:
+    """One server running the exact sliding log: every decision is the exact rule's, so
+    ``misjudged`` finds nothing; the fixed window on boundary bursts is caught over-admitting."""
+    config, work = scenario
+    one = replace(config, servers=1, skews=(), mode="local", local_algorithm="sliding_log")
+    r = sim.simulate(one, replace(work, servers=np.zeros(len(work), dtype=np.int64)))
+    allowed, limited = r.misjudged()
+    assert allowed.sum() == limited.sum() == 0
+    np.testing.assert_array_equal(limited, r.false_rejections)
+    w = config.window
+    times = np.concatenate(
+        (
+            np.linspace(w - 0.05 * w, w - 0.01 * w, config.limit),
+            np.linspace(w, w + 0.04 * w, config.limit),
+        )
+    )
+    burst = sim.Workload(
+        times, np.zeros(times.size, dtype=np.int64), np.zeros(times.size, dtype=np.int64), ("b",)
+    )
+    fixed = sim.simulate(replace(one, local_algorithm="fixed_window", duration=3 * w), burst)
+    assert fixed.worst[0] == 2 * config.limit
+    assert fixed.misjudged()[0][0] == config.limit
