@@ -14,12 +14,19 @@ import numpy as np
 
 
 def water_fill(
-    group: np.ndarray, weight: np.ndarray, need: np.ndarray, budget: np.ndarray
+    group: np.ndarray,
+    weight: np.ndarray,
+    need: np.ndarray,
+    budget: np.ndarray,
+    tiebreak: np.ndarray | None = None,
 ) -> np.ndarray:
     """Whole-token grants per pair.
 
     ``group[i]`` is pair i's client group (0..G-1), ``weight[i] > 0`` its share weight (demand),
     ``need[i] >= 0`` the most it should get, ``budget[g] >= 0`` the tokens group g may hand out.
+    ``tiebreak[i]`` (e.g. the server): among pairs of a group with equal remainders, the lower
+    gets a left-over token first (default: the input order), so the result does not depend on
+    the order of the rows.
     """
     n = group.size
     if n == 0:
@@ -35,7 +42,8 @@ def water_fill(
     weight = weight / w_max[group]
     ratio = need / weight
     # sort pairs by group, then by need/weight: within a group the capped pairs form a prefix
-    order = np.lexsort((ratio, group))
+    tie = np.arange(n) if tiebreak is None else tiebreak
+    order = np.lexsort((tie, ratio, group))
     g = group[order]
     w = weight[order]
     nd = need[order]
@@ -67,7 +75,7 @@ def water_fill(
     granted = np.bincount(g, weights=whole, minlength=g_count)
     left = np.minimum(budget, np.bincount(g, weights=nd, minlength=g_count)) - granted
     frac = np.where(whole < nd, share - whole, -1.0)
-    by_frac = np.lexsort((-frac, g))
+    by_frac = np.lexsort((tie[order], -frac, g))
     rank = np.empty(n, dtype=np.int64)
     rank[by_frac] = np.arange(n) - first
     bonus = (rank < left[g]) & (frac >= 0.0)  # left <= 0 (rounding) gives no bonus

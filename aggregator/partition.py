@@ -22,6 +22,7 @@ outside leases (cold start, degraded) are the only excess, and they are bounded 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 import numpy as np
 
@@ -59,11 +60,15 @@ class PartitionState:
         bucket: float,
         memory: int = 2,
         keepalive: int | None = None,
+        limit_of: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         """``memory``: ticks of demand the rate per tick is averaged over; ``keepalive`` (at least
         ``memory``): ticks after a pair's last demand that it still gets grants (a small lease
-        keeps a sparse client's requests off the cold-start path)."""
+        keeps a sparse client's requests off the cold-start path). ``limit_of(keys)``: each
+        client's own limit (default: ``limit`` for all)."""
         self.limit = limit
+        self.limit_of = limit_of
+        self.limits = np.zeros(1024)  # client slot -> its limit
         self.window = window
         self.clients = KeyIndex()
         self.ring = ChargeRing(window, 0.0, bucket)
@@ -107,12 +112,26 @@ class PartitionState:
     def _rows(self, keys: np.ndarray, now: float) -> np.ndarray:
         """The client slots of ``keys`` (new ones added), the ring advanced to ``now``."""
         self.ring.advance(now)
+        before = len(self.clients)
         clients = self.clients.lookup_or_insert(keys)
         n = len(self.clients)
-        self.ring.ensure_rows(n)
-        self.held = _grow(self.held, n)
-        self.last_active = _grow(self.last_active, n)
+        if n > before:
+            self.ring.ensure_rows(n)
+            self.held = _grow(self.held, n)
+            self.last_active = _grow(self.last_active, n)
+            self.limits = _grow(self.limits, n)
+            self.limits[before:n] = self._limits_of(self.clients.slot_keys[before:n])
         return clients
+
+    def _limits_of(self, keys: np.ndarray) -> np.ndarray:
+        if self.limit_of is None:
+            return np.full(keys.size, float(self.limit))
+        return self.limit_of(keys)
+
+    def relimit(self) -> None:
+        """Look every client's limit up again (the configuration changed)."""
+        n = len(self.clients)
+        self.limits[:n] = self._limits_of(self.clients.slot_keys[:n])
 
     def history(self, now: float, width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The window as ``(keys, ages, tokens)``: each client's charges summed into age slots of
@@ -233,11 +252,13 @@ class PartitionState:
         per_tick[np.searchsorted(pairs, recent)] = recent_rate
         clients, group = np.unique(self.pair_client[pairs], return_inverse=True)
         group = group.reshape(-1)
-        budget = np.maximum(0.0, self.limit - self.ring.used(clients, now) - self.held[clients])
+        budget = np.maximum(
+            0.0, self.limits[clients] - self.ring.used(clients, now) - self.held[clients]
+        )
         need = np.maximum(
             0.0, np.ceil(NEED_TICKS * per_tick) + NEED_FLOOR - self.outstanding[pairs]
         )
-        tokens = water_fill(group, per_tick + 1.0, need, budget)
+        tokens = water_fill(group, per_tick + 1.0, need, budget, self.pair_server[pairs])
         self.outstanding[pairs] += tokens
         self.held[clients] += np.bincount(group, weights=tokens, minlength=clients.size)
         # Every pair with recent demand hears from us each tick (an empty grant still says
@@ -277,6 +298,7 @@ class PartitionState:
         self.ring.keep_rows(old)
         self.held = _grow(self.held[old], 1024)
         self.last_active = _grow(self.last_active[old], 1024)
+        self.limits = _grow(self.limits[old], 1024)
         client_map = np.full(n, -1, dtype=np.int64)
         client_map[old] = np.arange(old.size)
         old_pairs = np.flatnonzero(keep_pairs)

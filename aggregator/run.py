@@ -34,7 +34,15 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-from limiter import parse_rate
+from limiter import (
+    ConfigurationService,
+    Policy,
+    RateLimitConfiguration,
+    RedisConfigurationService,
+    StaticConfigurationService,
+    parse_rate,
+)
+from limiter.keylimits import ServiceKeyLimits
 from producer import CLIENTS, make_transport
 from producer.transport import (
     GRANTS_TOPIC,
@@ -172,6 +180,13 @@ OPTIONS: tuple[Option, ...] = (
         "Redis for window checkpoints (redis[s]://[user:password@]host:port/db; none: off)",
     ),
     Option(
+        "config_url",
+        "DRL_AGG_CONFIG_URL",
+        _optional_text,
+        "per-client and tier limits: the configuration store's redis[s]:// URL, or a "
+        "TOML/JSON/YAML file (default: --limit for every client)",
+    ),
+    Option(
         "checkpoint_interval",
         "DRL_AGG_CHECKPOINT_INTERVAL",
         _optional_seconds,
@@ -212,6 +227,7 @@ class RunSettings:
     grants_topic: str = GRANTS_TOPIC
     group: str = DEFAULT_GROUP
     redis_url: str | None = None
+    config_url: str | None = None
     checkpoint_interval: float | None = None
     id: str | None = None
     duration: float | None = None
@@ -774,7 +790,8 @@ def _run(settings: RunSettings) -> int:
                 if settings.redis_url is None
                 else CheckpointStore(settings.redis_url, config.group, config.usage_topic)
             )
-            aggregator = Aggregator(config, transport, checkpoints=checkpoints)
+            limits = None if settings.config_url is None else _limits(settings.config_url, policy)
+            aggregator = Aggregator(config, transport, checkpoints=checkpoints, limits=limits)
         except Exception as e:
             event(logging.ERROR, "startup_failed", error=f"{type(e).__name__}: {e}")
             return 1
@@ -808,6 +825,8 @@ def _run(settings: RunSettings) -> int:
             aggregator.close()
             if aggregator.checkpoints is not None:
                 aggregator.checkpoints.close()
+            if isinstance(aggregator.limits, ServiceKeyLimits):
+                aggregator.limits.close()
         except Exception as e:
             event(logging.ERROR, "close_failed", error=f"{type(e).__name__}: {e}")
             code = code or 1
@@ -831,6 +850,18 @@ def _run(settings: RunSettings) -> int:
         state.phase = "stopped"
         server.close()
         restore()
+
+
+def _limits(url: str, policy: Policy) -> ServiceKeyLimits:
+    """Per-client limits from the configuration store at ``url`` (Redis, or a file); clients
+    without their own approximate-mode limit get ``policy``'s."""
+    fallback = RateLimitConfiguration(policies=(policy,), mode="approximate")
+    service: ConfigurationService
+    if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        service = RedisConfigurationService(url, fallback=fallback)
+    else:
+        service = StaticConfigurationService.from_file(url, fallback=fallback)
+    return ServiceKeyLimits(service, policy, owns_service=True)
 
 
 def _loop(

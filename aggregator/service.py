@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from limiter import Policy
+from limiter.keylimits import LimitSource
 from producer import wire
 from producer.transport import GRANTS_TOPIC, USAGE_TOPIC, QueueFull, Record, Transport
 
@@ -238,10 +239,16 @@ class Aggregator:
         *,
         clock: Callable[[], float] = time.monotonic,
         checkpoints: CheckpointStore | None = None,
+        limits: LimitSource | None = None,
     ) -> None:
+        """``limits``: each client's own limit (per client and tier, from the configuration
+        service: :class:`limiter.keylimits.ServiceKeyLimits`); default: ``config.policy``'s
+        limit for everyone."""
         self.config = config
         self.stats = AggregatorStats()
         self.checkpoints = checkpoints
+        self.limits = limits
+        self._limits_version = None if limits is None else limits.current().version
         #: checkpoints loaded while partitions were assigned, restored in ``_assigned``
         self._restores: dict[int, Checkpoint] = {}
         #: partition -> append time (epoch s) of the newest usage record applied
@@ -321,7 +328,11 @@ class Aggregator:
         c = self.config
         memory = max(1, math.ceil(c.ttl / c.tick))
         keepalive = min(max(memory, math.ceil(c.policy.window / c.tick)), MAX_KEEPALIVE_TICKS)
-        return PartitionState(c.policy.limit, c.policy.window, c.bucket, memory, keepalive)
+        source = self.limits
+        limit_of = None if source is None else (lambda keys: source.current().lookup(keys))
+        return PartitionState(
+            c.policy.limit, c.policy.window, c.bucket, memory, keepalive, limit_of=limit_of
+        )
 
     @property
     def partitions(self) -> list[int]:
@@ -417,6 +428,12 @@ class Aggregator:
         cutoff = now - c.server_timeout
         with self._lock:
             states = list(self._partitions.values())
+            if self.limits is not None:
+                version = self.limits.current().version
+                if version != self._limits_version:  # the configuration changed
+                    self._limits_version = version
+                    for state in states:
+                        state.relimit()
             for server in self._by_index:
                 if server.active and server.last_seen <= cutoff:
                     server.active = False

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .clientid import validate_client_id
 from .config import ConfigSnapshot, ConfigurationService, RateLimitConfiguration, Resolution
 from .decision import Decision
+from .keylimits import approximate_limit
 from .ratelimiter import DEFAULT_MAX_REQUEST_AGE, RateLimiter
 from .request import Request
 from .strict import StrictLimiter
@@ -52,11 +53,6 @@ MAX_TRANSITIONS: Final = 8
 #: Lock stripes serialising the move of one client's usage (only while a change is pending).
 _STRIPES: Final = 64
 
-APPROXIMATE_NOT_IMPLEMENTED: Final = (
-    "ConfiguredLimiter does not run approximate mode yet (issue: ConfigurationService / "
-    "RateLimitConfiguration, modes approximate|strict|local): configure local or strict, or "
-    "use RateLimiter(mode='approximate') with producer.connect() for approximate limits"
-)
 
 _RESERVED_OPTIONS: Final = ("max_requests", "time_window_seconds", "policies", "algorithm", "burst")
 
@@ -115,10 +111,16 @@ class ConfiguredLimiter:
       and, arriving later, is decided locally (logged as an error): requests never fail.
     - ``strict_options``: keyword arguments of :class:`~limiter.StrictLimiter` (``key_prefix``,
       ``timeout_ms``, ``failure_mode``, ...) when ``strict`` is a URL or client.
+    - ``approximate``: the server's approximate-mode :class:`~limiter.RateLimiter` (with its
+      agent: :func:`producer.connect`, given ``limits=``
+      :class:`~limiter.keylimits.ServiceKeyLimits` over the same service). Every approximate
+      configuration (one policy, that limiter's window) is decided by it: the aggregators grant
+      each client by its own limit, read from the same configuration. Without it (or with
+      another window) an approximate configuration is refused at construction and, arriving
+      later, is decided locally (logged as an error).
     - ``limiter_options``: keyword arguments of every local :class:`~limiter.RateLimiter`
       (``clock``, ``max_request_age``, ``max_clients``, ...); policies come from the
-      configuration. ``approximate`` configurations raise :class:`NotImplementedError` (see
-      :data:`APPROXIMATE_NOT_IMPLEMENTED`).
+      configuration.
 
     **Changes.** The service calls back with the new snapshot; a new routing is built (limiters
     of unchanged configurations are kept, with their state) and swapped in with one reference
@@ -147,6 +149,7 @@ class ConfiguredLimiter:
         *,
         strict: str | redis.Redis | StrictFactory | None = None,
         strict_options: Mapping[str, Any] | None = None,
+        approximate: RateLimiter | None = None,
         **limiter_options: Any,
     ) -> None:
         for name in ("get", "snapshot", "subscribe"):
@@ -160,7 +163,10 @@ class ConfiguredLimiter:
         if limiter_options.get("mode", "local") != "local":
             raise ValueError("the mode comes from the configuration")
         limiter_options.pop("mode", None)
+        if approximate is not None and approximate.mode != "approximate":
+            raise ValueError("approximate= takes a RateLimiter built with mode='approximate'")
         self.service = service
+        self._approximate = approximate
         self._options = dict(limiter_options)
         self._strict_client: redis.Redis | None = None
         self._strict_factory = self._strict_factory_of(strict, dict(strict_options or {}))
@@ -346,9 +352,18 @@ class ConfiguredLimiter:
 
     def _make(self, config: RateLimitConfiguration, strict_check: bool) -> Limiter:
         if config.mode == "approximate":
+            a = self._approximate
+            if a is not None and approximate_limit(config, a.policies[0].window) is not None:
+                return a
+            problem = (
+                "give ConfiguredLimiter(approximate=<RateLimiter(mode='approximate') with its "
+                "agent>)"
+                if a is None
+                else f"approximate mode here has one policy of window {a.policies[0].window:g} s"
+            )
             if strict_check:
-                raise NotImplementedError(APPROXIMATE_NOT_IMPLEMENTED)
-            log.error("%s; deciding %s locally", APPROXIMATE_NOT_IMPLEMENTED, config)
+                raise ValueError(f"the configuration has approximate limits ({config}): {problem}")
+            log.error("approximate configuration %s: %s; deciding it locally", config, problem)
         if config.mode == "strict":
             if self._strict_factory is not None:
                 return self._strict_factory(config)

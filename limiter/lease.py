@@ -37,7 +37,10 @@ TOKENS, EXPIRY, COLD_TAT, DEGRADED_TAT = 0, 1, 2, 3
 ADMITTED, EXTRA, REJECTED, RELEASED = 4, 5, 6, 7
 USAGE = slice(ADMITTED, RELEASED + 1)
 KEY = 8
-WIDTH = 9
+#: The client's own limit (per-client and tier limits: :mod:`limiter.keylimits`) for the degraded
+#: share and the cold-start allowance; 0: the policy's.
+LIMIT = 9
+WIDTH = 10
 
 COLD_START_POLICIES = ("optimistic", "wait", "reject")
 
@@ -98,7 +101,14 @@ class LeaseAlgorithm(Algorithm):
         self.interval = self.window * self.servers / self.limit
 
     def fresh(self) -> tuple[float, ...]:
-        return (0.0, -INF, -INF, -INF, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return (0.0, -INF, -INF, -INF, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def _allowance(self, s: Cells, b: int) -> float:
+        """The cold-start tokens per window of this client (its own limit, if it has one)."""
+        own: float = s[b + LIMIT]
+        if own <= 0.0 or self.allowance <= 0.0:
+            return self.allowance
+        return max(1.0, math.floor(self.options.cold_start_allowance * own))
 
     def set_servers(self, servers: int) -> None:
         """The active server count the degraded share divides the limit by."""
@@ -123,14 +133,16 @@ class LeaseAlgorithm(Algorithm):
             if tat > now:
                 s[b + REJECTED] += cost
                 return False
-            s[b + DEGRADED_TAT] = now + cost * self.interval
+            own: float = s[b + LIMIT]
+            step = self.interval if own <= 0.0 else self.window * self.servers / own
+            s[b + DEGRADED_TAT] = now + cost * step
             s[b + EXTRA] += cost
             return True
         if self.allowance > 0.0:
             # cold start: the same drained-meter rule, at `allowance` tokens per window
             tat = s[b + COLD_TAT]
             if tat <= now:
-                s[b + COLD_TAT] = now + cost * self.window / self.allowance
+                s[b + COLD_TAT] = now + cost * self.window / self._allowance(s, b)
                 s[b + EXTRA] += cost
                 return True
         s[b + REJECTED] += cost
@@ -148,7 +160,7 @@ class LeaseAlgorithm(Algorithm):
             return int(s[b + TOKENS])
         if self.degraded(now):
             return 1 if s[b + DEGRADED_TAT] <= now else 0
-        return int(self.allowance) if s[b + COLD_TAT] <= now else 0
+        return int(self._allowance(s, b)) if s[b + COLD_TAT] <= now else 0
 
     def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
         if self.allows(s, b, now, cost):

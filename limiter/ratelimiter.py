@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from .keys import client_key, signed
 from .lease import (
     EXPIRY,
     KEY,
+    LIMIT,
     TOKENS,
     USAGE,
     WIDTH,
@@ -30,6 +32,9 @@ from .metrics import DecisionMetrics, decision_metrics
 from .rate import DEFAULT_ALGORITHM, Policy, parse_rates
 from .request import Request
 from .table import ClientTable, Shard
+
+if TYPE_CHECKING:
+    from .keylimits import LimitSource
 
 #: Requests stamped more than this many seconds before now are refused as ``stale``.
 DEFAULT_MAX_REQUEST_AGE = 10.0
@@ -103,6 +108,10 @@ class RateLimiter:
     - ``mode``: ``local`` (default) or ``approximate``: decisions against leases that the
       streaming agent (``producer.Agent``) receives from the aggregator; ``lease_options``
       (:class:`LeaseOptions`) sets its cold-start and degraded behaviour. One policy only.
+    - ``limits``: approximate mode's per-client limits
+      (:class:`~limiter.keylimits.ServiceKeyLimits` over the configuration service): each
+      client's degraded share and cold-start allowance follow its own limit (the aggregators
+      grant by it); default: the policy's limit for everyone.
     - ``metrics``: ``True`` (or a :class:`~limiter.metrics.DecisionMetrics`) counts decisions
       by outcome and times one in 64 (:mod:`limiter.metrics`); off by default.
 
@@ -117,6 +126,8 @@ class RateLimiter:
         "_consume1",
         "_keyed",
         "_lease",
+        "_limits",
+        "_limits_version",
         "_max_age",
         "_max_skew",
         "_mode",
@@ -151,6 +162,7 @@ class RateLimiter:
         mode: str = "local",
         lease_options: LeaseOptions | None = None,
         metrics: bool | DecisionMetrics = False,
+        limits: LimitSource | None = None,
     ) -> None:
         if mode == "approximate" and algorithm is None:
             # leases decide, not a local algorithm: name one without a limit cap
@@ -174,10 +186,12 @@ class RateLimiter:
                 raise ValueError("approximate mode takes exactly one policy")
             self._lease = LeaseAlgorithm(self.policies[0], lease_options or LeaseOptions(), clock())
             self._algos: tuple[Algorithm, ...] = (self._lease,)
-        elif lease_options is not None:
-            raise ValueError("lease_options apply to mode='approximate' only")
+        elif lease_options is not None or limits is not None:
+            raise ValueError("lease_options and limits apply to mode='approximate' only")
         else:
             self._algos = tuple(make_algorithm(p) for p in self.policies)
+        self._limits = limits
+        self._limits_version = None if limits is None else limits.current().version
         self._keyed = self._lease is not None
         self._waits = self._lease is not None and self._lease.options.cold_start == "wait"
         #: stable key -> client hash of every client whose usage was drained and that the table
@@ -345,6 +359,8 @@ class RateLimiter:
     def drain_usage(self) -> Usage:
         """Take (and zero) every client's usage since the last drain; each shard lock briefly."""
         lease = self.lease
+        if self._limits is not None and self._limits.current().version != self._limits_version:
+            self._relimit()
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         now = self._clock()
         for shard in self._shards:
@@ -464,11 +480,26 @@ class RateLimiter:
     # -- internals -----------------------------------------------------------------------------
 
     def _set_key(self, shard: Shard, i: int, client_id: str) -> None:
-        """Store the stable key of a newly tracked client (approximate mode)."""
+        """Store the stable key (and own limit) of a newly tracked client (approximate mode)."""
         cell = i * WIDTH + KEY
         ints = shard.ints[0]
         if ints[cell] == 0:
-            ints[cell] = signed(client_key(client_id))
+            key = client_key(client_id)
+            ints[cell] = signed(key)
+            if self._limits is not None:
+                shard.views[0][i * WIDTH + LIMIT] = self._limits.current().limit(key)
+
+    def _relimit(self) -> None:
+        """Look every tracked client's own limit up again (the configuration changed)."""
+        assert self._limits is not None
+        table = self._limits.current()
+        self._limits_version = table.version
+        for shard in self._shards:
+            with shard.lock:
+                cells = shard.arrays[0].reshape(-1, WIDTH)
+                rows = np.flatnonzero(shard.keys)
+                keys = cells[rows, KEY].view(np.uint64)
+                cells[rows, LIMIT] = table.lookup(keys)
 
     def _wait_for_lease(self, client_id: str, cost: int) -> Decision:
         """``wait`` cold start: poll up to ``wait_timeout`` for a lease, then decide again."""

@@ -261,3 +261,28 @@ def test_weights_far_apart_still_sum_to_the_budget() -> None:
         [0.0, 4160.0],
     )
     assert got[1] == [0, 0, 4160]  # cross-group rounding once gave [0, 0, 4159]
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(1, 4), st.integers(0, 9)), min_size=1, max_size=12
+    ),
+    st.lists(st.integers(0, 20), min_size=4, max_size=4),
+    st.randoms(use_true_random=False),
+)
+def test_with_a_tiebreak_the_rows_order_does_not_matter(
+    rows: list[tuple[int, int, int]], budget: list[int], rnd: object
+) -> None:
+    """Equal weights and needs make ties; with ``tiebreak`` (unique per group) the same pairs in
+    any order get the same grants (compaction reorders pairs: it must not change grants)."""
+    group = np.array([g for g, _, _ in rows])
+    weight = np.array([float(w) for _, w, _ in rows])
+    need = np.array([float(n) for _, _, n in rows])
+    tie = np.arange(len(rows))  # e.g. the server: unique within a group
+    perm = np.arange(len(rows))
+    rnd.shuffle(perm)  # type: ignore[attr-defined]
+    b = np.array([float(x) for x in budget])
+    first = water_fill(group, weight, need, b, tie)
+    second = water_fill(group[perm], weight[perm], need[perm], b, tie[perm])
+    assert second.tolist() == first[perm].tolist()

@@ -164,10 +164,18 @@ def test_strict_mode_in_redis_and_a_mode_change(
         assert limiter.check("bob").allowed and len(made) == 1
 
 
+def service_of_local() -> StaticConfigurationService:
+    return StaticConfigurationService({"default": {"rate": "100/s"}})
+
+
 def test_unsupported_and_bad_options() -> None:
     approx = StaticConfigurationService({"default": {"rate": "100/s", "mode": "approximate"}})
-    with pytest.raises(NotImplementedError, match="approximate mode"):
+    with pytest.raises(ValueError, match=r"approximate limits.*give ConfiguredLimiter"):
         ConfiguredLimiter(approx)
+    with pytest.raises(ValueError, match="one policy of window 60 s"):
+        ConfiguredLimiter(approx, approximate=RateLimiter(100, 60, mode="approximate"))
+    with pytest.raises(ValueError, match="mode='approximate'"):
+        ConfiguredLimiter(service_of_local(), approximate=RateLimiter(100, 1))
     service = StaticConfigurationService(doc())
     with pytest.raises(ValueError, match="policies comes from the configuration"):
         ConfiguredLimiter(service, policies="5/s")
