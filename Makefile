@@ -21,7 +21,7 @@ PACKAGES := limiter producer aggregator
 # Only packages that already hold Python files (mypy rejects an empty directory).
 TYPED_PACKAGES = $(foreach p,$(PACKAGES),$(if $(wildcard $(p)/*.py),$(p)))
 # Typed code outside the packages, checked as strictly.
-TYPED_EXTRA := scripts/drl_services.py tests/conftest.py tests/foundation
+TYPED_EXTRA := scripts/drl_services.py tests/conftest.py tests/foundation benchmarks
 PYTEST_ARGS ?=
 
 .PHONY: test lint demo bench services-up services-down services-status
