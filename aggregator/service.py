@@ -217,9 +217,9 @@ class _Rebuild:
 
     __slots__ = ("assigned", "last_replay", "live", "replayed", "wall")
 
-    def __init__(self, assigned: float) -> None:
+    def __init__(self, assigned: float, wall: float) -> None:
         self.assigned = assigned  # aggregator clock
-        self.wall = time.time()  # records appended before this are history
+        self.wall = wall  # epoch seconds: records appended before this are history
         self.last_replay = assigned
         self.replayed = 0  # usage records replayed
         self.live = False  # a record appended after the assignment arrived
@@ -238,10 +238,13 @@ class Aggregator:
         transport: Transport,
         *,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         checkpoints: CheckpointStore | None = None,
         limits: LimitSource | None = None,
     ) -> None:
-        """``limits``: each client's own limit (per client and tier, from the configuration
+        """``clock``: the aggregator's time (monotonic seconds); ``wall``: epoch seconds, the
+        clock of the usage records' append times (the broker's). ``limits``: each client's own
+        limit (per client and tier, from the configuration
         service: :class:`limiter.keylimits.ServiceKeyLimits`); default: ``config.policy``'s
         limit for everyone."""
         self.config = config
@@ -256,6 +259,7 @@ class Aggregator:
         self._next_checkpoint = clock() + config.checkpoint_every
         self.epoch = secrets.randbits(63)
         self._clock = clock
+        self._wall = wall
         self._transport = transport
         self._seq = 0
         self._servers: dict[str, _Server] = {}
@@ -286,7 +290,7 @@ class Aggregator:
                 state = self._partitions[p] = self._new_partition()
                 self._appended.pop(p, None)
                 if self.config.rebuild:
-                    rebuild = self._rebuilding[p] = _Rebuild(now)
+                    rebuild = self._rebuilding[p] = _Rebuild(now, self._wall())
                     for server in self._by_index:  # the replay starts the sequences over
                         server.seqs.pop(p, None)
                     checkpoint = self._restores.pop(p, None)
@@ -312,7 +316,7 @@ class Aggregator:
         if self.checkpoints is None or back is None:
             return back
         checkpoint = self.checkpoints.load(partition)
-        wall = time.time()
+        wall = self._wall()
         window = self.config.policy.window
         if checkpoint is None or checkpoint.window != window or checkpoint.taken_at < wall - window:
             return back
@@ -391,7 +395,7 @@ class Aggregator:
                 if math.isfinite(known):
                     at = batch.end - known
                 else:
-                    at = now - max(0.0, time.time() - record.timestamp)
+                    at = now - max(0.0, self._wall() - record.timestamp)
                 state.apply(batch.records, server.index, now, min(now, at), replay=True)
                 rebuild.last_replay = now
                 rebuild.replayed += int(batch.records.size)
@@ -490,7 +494,7 @@ class Aggregator:
     def _checkpoint(self, now: float) -> None:
         """Queue a checkpoint of every rebuilt partition (holding ``_lock``)."""
         assert self.checkpoints is not None
-        wall = time.time()
+        wall = self._wall()
         window = self.config.policy.window
         for p, state in self._partitions.items():
             if p in self._rebuilding:

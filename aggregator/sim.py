@@ -49,7 +49,13 @@ from producer import wire
 from producer.agent import DEFAULT_HEARTBEAT_INTERVAL, Agent
 from producer.transport import USAGE_TOPIC, Record
 
-from .service import DEFAULT_SERVER_TIMEOUT, DEFAULT_TTL_TICKS, Aggregator, AggregatorConfig
+from .service import (
+    DEFAULT_SERVER_TIMEOUT,
+    DEFAULT_TTL_TICKS,
+    MIN_DEFAULT_TTL,
+    Aggregator,
+    AggregatorConfig,
+)
 
 #: The simulation's true clock starts here (seconds); results are relative to it.
 T0 = 1000.0
@@ -103,8 +109,9 @@ class Delay:
 @dataclass(frozen=True)
 class AggregatorOutage:
     """The aggregator stops (no ticks, no usage read) from ``start`` to ``end`` (seconds after
-    the start). Usage sent meanwhile waits in Kafka and is read at ``end``. ``restart``: it comes
-    back with empty state (a failover: the case docs/consistency.md does not bound)."""
+    the start). Usage sent meanwhile waits in Kafka and is read at ``end``. ``restart``: a new
+    aggregator takes over with empty state (a failover): it rebuilds its partitions from the
+    topic's last window and waits out the old leases before it grants, as the real one does."""
 
     start: float
     end: float
@@ -133,7 +140,7 @@ class SimConfig:
     #: agents' usage report interval, and the aggregator's allocation tick
     report_interval: float = 0.1
     tick: float = 0.1
-    #: default ``DEFAULT_TTL_TICKS`` (10) ticks
+    #: default ``max(DEFAULT_TTL_TICKS (10) ticks, MIN_DEFAULT_TTL (1 s))``, as the aggregator's
     lease_ttl: float | None = None
     #: default ``max(3 s, 1.5 ttl, 3 report or heartbeat intervals)`` (must exceed the ttl)
     server_timeout: float | None = None
@@ -193,7 +200,10 @@ class SimConfig:
 
     @property
     def ttl(self) -> float:
-        return self.lease_ttl if self.lease_ttl is not None else DEFAULT_TTL_TICKS * self.tick
+        """``lease_ttl``, else the aggregator's default: ``max(10 ticks, 1 s)``."""
+        if self.lease_ttl is not None:
+            return self.lease_ttl
+        return max(DEFAULT_TTL_TICKS * self.tick, MIN_DEFAULT_TTL)
 
     @property
     def timeout(self) -> float:
@@ -231,8 +241,6 @@ class SimConfig:
             lease_ttl=self.ttl,
             server_timeout=self.timeout,
             aggregator_id=name,
-            # the simulated topic keeps no history to replay (an outage restarts empty)
-            rebuild=False,
         )
 
     @property
@@ -917,6 +925,8 @@ class Simulation:
         self.aggregator = self._start_aggregator()
         self._agg_up = True
         self._backlog: list[Record] = []
+        #: usage records the aggregators have read: the topic's history a new one replays
+        self._consumed: list[Record] = []
         self._held_t: list[float] = []
         self._held: list[list[float]] = []
         n = len(workload)
@@ -976,8 +986,12 @@ class Simulation:
         self._aggregators += 1
         skew = self.config.aggregator_skew
         self._agg_endpoint = _Endpoint(self, name)
+        # records are stamped with the true time (the broker's append time)
         return Aggregator(
-            self.config.aggregator_config(name), self._agg_endpoint, clock=self._clock(skew)
+            self.config.aggregator_config(name),
+            self._agg_endpoint,
+            clock=self._clock(skew),
+            wall=lambda: self.t,
         )
 
     # -- Kafka ---------------------------------------------------------------------------------
@@ -1019,12 +1033,14 @@ class Simulation:
     def _on_usage(self, record: Record) -> None:
         self.stats["usage_batches"] += 1
         if self._agg_up and not self.config.usage_at_tick:
+            self._consumed.append(record)
             self.aggregator.handle(record)
         else:
             self._backlog.append(record)
 
     def _read_backlog(self) -> None:
         backlog, self._backlog = self._backlog, []
+        self._consumed.extend(backlog)
         for record in backlog:
             self.aggregator.handle(record)
 
@@ -1215,6 +1231,13 @@ class Simulation:
             if arg.restart:
                 self._old_aggregators.append(self.aggregator)
                 self.aggregator = self._start_aggregator()
+                # its partitions are new to it: it replays the topic's last window (rebuild)
+                back = self.aggregator.config.rewind
+                if back is not None:
+                    since = self.t - back
+                    history = [r for r in self._consumed if r.timestamp >= since]
+                    self._consumed = []
+                    self._backlog = history + self._backlog
             self._agg_up = True
             self._read_backlog()
         elif kind == _FAIL:
