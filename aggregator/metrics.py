@@ -231,7 +231,7 @@ class AggregatorCollector(Collector):
             "seen (an upper bound of the clock offset).",
             labels=["server"],
         )
-        estimates = agg.server_offsets()
+        estimates = agg.server_clock_offsets()
         for name in sorted(active):
             value = estimates.get(name, math.nan)
             if math.isfinite(value):

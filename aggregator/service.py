@@ -347,6 +347,12 @@ class Aggregator:
         cutoff = now - self.config.server_timeout
         return [s.name for s in self._by_index if s.last_seen > cutoff]
 
+    def server_clock_offsets(self) -> dict[str, float]:
+        """:meth:`server_offsets` against the aggregator's wall clock (``wall``) instead of its
+        (monotonic) ``clock``: the server's clock error, less the fastest delivery (s)."""
+        shift = self._wall() - self._clock()
+        return {name: offset - shift for name, offset in self.server_offsets().items()}
+
     def server_offsets(self) -> dict[str, float]:
         """Each server's clock minus the aggregator's, less the fastest delivery seen (s)."""
         return {s.name: s.estimate() for s in self._by_index}

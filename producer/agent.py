@@ -295,14 +295,16 @@ class Agent:
             estimator = self._offsets[key] = _Offset(now)
         offset = estimator.observe(now - batch.issued_at, now)
         self.stats.offsets[batch.aggregator_id] = offset
-        self.limiter.note_grant_batch(now, batch.servers)
         self.stats.grant_batches += 1
         self._grant_seq = max(self._grant_seq, batch.seq)
         expiry = batch.issued_at + offset + batch.ttl
         if expiry <= now:
+            # queued while the broker was away: says nothing of the stream's health now, nor of
+            # the fleet's size (the degraded share keeps the last live batch's)
             self.stats.batches_late += 1
             self._unclaim(batch.records)
             return False
+        self.limiter.note_grant_batch(now, batch.servers)
         if batch.records.size:
             missed: list[int] = []
             installed = self.limiter.apply_grants(

@@ -92,6 +92,10 @@ class Config:
     kafka_controller_port: int = DEFAULT_KAFKA_CONTROLLER_PORT
     redis_port: int = DEFAULT_REDIS_PORT
     host: str = HOST
+    #: Where the broker jars and the Maven cache live; ``None``: in ``state_dir``. A private
+    #: broker (its own ports and ``state_dir``, e.g. a test's) shares the downloaded jars of the
+    #: default one by pointing this at its ``state_dir``.
+    cache_dir: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -145,8 +149,12 @@ class Config:
         return self.redis_dir / "redis.log"
 
     @property
+    def cache_root(self) -> Path:
+        return self.state_dir if self.cache_dir is None else self.cache_dir
+
+    @property
     def m2_dir(self) -> Path:
-        return self.state_dir / "m2"
+        return self.cache_root / "m2"
 
     def connection_env(self, names: Sequence[ServiceName] = SERVICES) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -427,7 +435,7 @@ def kafka_version() -> str:
 
 def kafka_libs_dir(cfg: Config) -> Path:
     digest = hashlib.sha256(KAFKA_POM.read_bytes()).hexdigest()[:10]
-    return cfg.state_dir / f"kafka-libs-{kafka_version()}-{digest}"
+    return cfg.cache_root / f"kafka-libs-{kafka_version()}-{digest}"
 
 
 def _dir_size(path: Path) -> int:
@@ -443,9 +451,9 @@ def ensure_kafka_jars(cfg: Config) -> Path:
     if mvn is None:
         raise ServiceError(
             "Maven (mvn) is needed once to download the Kafka broker jars into "
-            f"{cfg.state_dir}: install it (`apt-get install maven`) and run again."
+            f"{cfg.cache_root}: install it (`apt-get install maven`) and run again."
         )
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    cfg.cache_root.mkdir(parents=True, exist_ok=True)
     partial = libs.with_name(libs.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     _log(f"kafka: resolving Kafka {kafka_version()} jars with Maven (first run only)...")
@@ -472,7 +480,7 @@ def ensure_kafka_jars(cfg: Config) -> Path:
     shutil.rmtree(libs, ignore_errors=True)
     (partial / "libs").rename(libs)
     shutil.rmtree(partial, ignore_errors=True)
-    for old in cfg.state_dir.glob("kafka-libs-*"):
+    for old in cfg.cache_root.glob("kafka-libs-*"):
         if old != libs:
             shutil.rmtree(old, ignore_errors=True)
     _log(
