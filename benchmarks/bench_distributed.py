@@ -50,10 +50,10 @@ from producer.agent import Agent  # noqa: E402
 from producer.transport import InProcessBus  # noqa: E402
 
 try:  # a dependency (kafka-python reads confluent-kafka's lz4 batches); reported if missing
-    import lz4  # type: ignore[import-untyped]
-    import lz4.frame  # type: ignore[import-untyped]
+    import lz4
+    import lz4.frame
 except ImportError:  # pragma: no cover - reported in the output
-    lz4 = None
+    lz4 = None  # type: ignore[assignment, unused-ignore]
 
 DOC = ROOT / "docs" / "benchmarks.md"
 START_MARK = "<!-- bench_distributed:start -->"

@@ -44,7 +44,7 @@ try:  # benchmark-only peer, never a runtime dependency of the limiter
     import limits.storage
     import limits.strategies
 except ImportError:  # pragma: no cover - reported in the output
-    limits = None  # type: ignore[assignment]
+    limits = None  # type: ignore[assignment, unused-ignore]
 
 DOC = ROOT / "docs" / "benchmarks.md"
 START_MARK = "<!-- bench_local:start -->"
