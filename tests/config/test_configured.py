@@ -277,6 +277,8 @@ def test_limit_changed_while_four_threads_send_requests(
     assert count(t1, s1 + window - 0.1) <= 1
     # no request failed because of the change: admissions resume at the new rate
     assert low - 2 <= count(s1 + window, t2) <= 2 * low
-    # raised: quota freed at once (at most 10 came along from the lowered limit)
-    assert count(s2, s2 + 1.0) >= raised - low - 2
+    # raised: quota freed at once (at most 10 came along from the lowered limit); counted from
+    # the write, since requests decided by the new routing before this thread saw the new
+    # version (a loaded machine may not run it for milliseconds) belong to the new limit too
+    assert count(t2, s2 + 1.0) >= raised - low - 2
     assert worst(t2 + 1.0, end) <= raised
