@@ -34,6 +34,21 @@ def water_fill(
     g_count = budget.size
     need = np.maximum(np.floor(need), 0.0)
     budget = np.maximum(np.floor(budget), 0.0)
+    # a group of one pair (a client on one server) gets min(need, budget): no sort for those
+    alone = np.bincount(group, minlength=g_count)[group] == 1
+    if alone.any():
+        out = np.empty(n, dtype=np.int64)
+        out[alone] = np.minimum(need[alone], budget[group[alone]])
+        rest = ~alone
+        if rest.any():
+            out[rest] = water_fill(
+                group[rest],
+                weight[rest],
+                need[rest],
+                budget,
+                None if tiebreak is None else tiebreak[rest],
+            )
+        return out
     # Weights count only relative to their own group: scale each group's to at most 1 so that
     # the running sums below carry no rounding from other groups. Needs and budgets are whole
     # numbers, exact in float64 sums below 2**53.

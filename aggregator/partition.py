@@ -50,6 +50,18 @@ def _grow(a: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _groups(of: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(of, return_inverse=True)`` for ``of`` in ``[0, n)``: without a sort when
+    ``of`` is not much smaller than ``n`` (a mark per value and a running count)."""
+    if 8 * of.size < n:
+        values, inverse = np.unique(of, return_inverse=True)
+        return values, inverse.reshape(-1)
+    mark = np.zeros(n, dtype=bool)
+    mark[of] = True
+    index = np.cumsum(mark) - 1
+    return np.flatnonzero(mark), index[of]
+
+
 class PartitionState:
     """Windowed use, outstanding leases and recent demand of one usage partition's clients."""
 
@@ -78,6 +90,8 @@ class PartitionState:
         self.pair_client = np.zeros(1024, dtype=np.int64)
         self.pair_server = np.zeros(1024, dtype=np.int64)
         self.outstanding = np.zeros(1024)  # pair slot -> tokens granted, not yet reported
+        #: pair slot -> tokens wanted over the ticks in ``_history`` (kept as they come and go)
+        self.wanted = np.zeros(1024)
         self.seen = np.full(1024, _NEVER, dtype=np.int64)  # pair slot -> tick of last demand
         self.keepalive = max(memory, keepalive or memory)
         self._ticks = 0
@@ -99,6 +113,7 @@ class PartitionState:
             self.pair_client = _grow(self.pair_client, n)
             self.pair_server = _grow(self.pair_server, n)
             self.outstanding = _grow(self.outstanding, n)
+            self.wanted = _grow(self.wanted, n)
             if n > self.seen.size:
                 seen = np.full(max(n, 2 * self.seen.size), _NEVER, dtype=np.int64)
                 seen[: self.seen.size] = self.seen
@@ -233,25 +248,21 @@ class PartitionState:
             )
         else:
             cur_pairs, cur_amounts = _EMPTY_I, _EMPTY_F
-        self._history.append((cur_pairs, cur_amounts))
-        recent, inverse = np.unique(
-            np.concatenate([p for p, _ in self._history]), return_inverse=True
-        )
-        recent_rate = np.bincount(
-            inverse.reshape(-1),
-            weights=np.concatenate([a for _, a in self._history]),
-            minlength=recent.size,
-        ) / len(self._history)
-        # pairs still kept alive: demand within `keepalive` ticks (a superset of `recent`)
+        history = self._history
+        if len(history) == history.maxlen:  # the oldest tick leaves the average
+            old_pairs, old_amounts = history.popleft()
+            self.wanted[old_pairs] -= old_amounts  # unique pairs: no duplicate indices
+        history.append((cur_pairs, cur_amounts))
+        self.wanted[cur_pairs] += cur_amounts
+        # pairs still kept alive: demand within `keepalive` ticks (a superset of the history's)
         m = len(self.pairs)
         pairs = np.flatnonzero(self.seen[:m] > self._ticks - self.keepalive)
         self._ticks += 1
         if pairs.size == 0 or not grant:
             return np.zeros(0, dtype=np.uint64), _EMPTY_I, _EMPTY_I
-        per_tick = np.zeros(pairs.size)
-        per_tick[np.searchsorted(pairs, recent)] = recent_rate
-        clients, group = np.unique(self.pair_client[pairs], return_inverse=True)
-        group = group.reshape(-1)
+        # whole tokens: the running sums are exact
+        per_tick = self.wanted[pairs] / len(history)
+        clients, group = _groups(self.pair_client[pairs], len(self.clients))
         budget = np.maximum(
             0.0, self.limits[clients] - self.ring.used(clients, now) - self.held[clients]
         )
@@ -307,6 +318,7 @@ class PartitionState:
         self.pair_client = _grow(client_map[self.pair_client[old_pairs]], 1024)
         self.pair_server = _grow(self.pair_server[old_pairs], 1024)
         self.outstanding = _grow(self.outstanding[old_pairs], 1024)
+        self.wanted = _grow(self.wanted[old_pairs], 1024)
         seen = np.full(max(1024, 2 * old_pairs.size), _NEVER, dtype=np.int64)
         seen[: old_pairs.size] = self.seen[old_pairs]
         self.seen = seen
