@@ -34,8 +34,11 @@ def water_fill(
     g_count = budget.size
     need = np.maximum(np.floor(need), 0.0)
     budget = np.maximum(np.floor(budget), 0.0)
-    # a group of one pair (a client on one server) gets min(need, budget): no sort for those
+    # No sort for the groups whose pairs all get their need (the budget covers it: most
+    # clients, most ticks) nor for a group of one pair (a client on one server): min(need,
+    # budget).
     alone = np.bincount(group, minlength=g_count)[group] == 1
+    alone |= (np.bincount(group, weights=need, minlength=g_count) <= budget)[group]
     if alone.any():
         out = np.empty(n, dtype=np.int64)
         out[alone] = np.minimum(need[alone], budget[group[alone]])
