@@ -163,7 +163,7 @@ class PartitionState:
             age = max(0.0, now - (j + 1) * ring.bucket)
             if age >= self.window:
                 continue
-            column = ring.charges[:n, j % ring.k]
+            column = ring.charges[j % ring.k, :n]
             rows = np.flatnonzero(column)
             if rows.size:
                 keys.append(self.clients.slot_keys[rows])
@@ -295,7 +295,7 @@ class PartitionState:
         window, and pairs with nothing outstanding and no recent demand. Returns clients left."""
         n, m = len(self.clients), len(self.pairs)
         keep = (
-            (self.ring.charges[:n].sum(axis=1) > 0)
+            (self.ring.total[:n] > 0)
             | (self.held[:n] > 0)
             | (self.last_active[:n] > now - self.window)
         )

@@ -1,12 +1,15 @@
-"""Windowed charges per client: a ring of time buckets in one float64 array ``[clients, k]``.
+"""Windowed charges per client: a ring of time buckets in one float64 array ``[k, clients]``.
 
 The ring covers the buckets from ``now - window`` to ``now + horizon`` on the aggregator's
 clock, so that a charge placed at a future time (a lease's last usable moment) counts from the
-moment it is made until a whole window after that time. A client's use is the sum of its row.
+moment it is made until a whole window after that time. A client's use is the sum of its column
+of buckets, kept as a running ``total`` per client (charges add to it, a bucket leaving the
+window subtracts from it: whole tokens, exact in float64).
 
-Buckets are ``bucket`` seconds wide. A bucket counts while any part of it is inside
-``(now - window, now + horizon]``: a charge counts for at most one bucket longer than its exact
-window, never shorter (conservative by at most ``bucket / window`` of the limit).
+Buckets are ``bucket`` seconds wide, one row of the array each (clearing a bucket is one
+contiguous write). A bucket counts while any part of it is inside ``(now - window, now +
+horizon]``: a charge counts for at most one bucket longer than its exact window, never shorter
+(conservative by at most ``bucket / window`` of the limit).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 
 
 class ChargeRing:
-    __slots__ = ("ahead", "back", "bucket", "charges", "current", "k", "window")
+    __slots__ = ("ahead", "back", "bucket", "charges", "current", "k", "total", "window")
 
     def __init__(self, window: float, horizon: float, bucket: float, rows: int = 1024) -> None:
         if not (window > 0 and horizon >= 0 and bucket > 0):
@@ -27,20 +30,33 @@ class ChargeRing:
         self.back = math.ceil(window / bucket)
         self.ahead = math.ceil(horizon / bucket) + 1
         self.k = self.back + 1 + self.ahead
-        self.charges = np.zeros((rows, self.k), dtype=np.float64)
+        self.charges = np.zeros((self.k, rows), dtype=np.float64)  # [bucket, client]
+        self.total = np.zeros(rows, dtype=np.float64)  # client -> sum over the buckets
         self.current: int | None = None
 
+    @property
+    def rows(self) -> int:
+        return int(self.charges.shape[1])
+
     def ensure_rows(self, n: int) -> None:
-        if n > self.charges.shape[0]:
-            grown = np.zeros((max(n, 2 * self.charges.shape[0]), self.k), dtype=np.float64)
-            grown[: self.charges.shape[0]] = self.charges
+        if n > self.rows:
+            size = max(n, 2 * self.rows)
+            grown = np.zeros((self.k, size), dtype=np.float64)
+            grown[:, : self.rows] = self.charges
             self.charges = grown
+            total = np.zeros(size, dtype=np.float64)
+            total[: self.total.size] = self.total
+            self.total = total
 
     def keep_rows(self, rows: np.ndarray) -> None:
         """Keep only ``rows`` (in that order): the ring after a key-index compaction."""
-        kept = self.charges[rows]
-        self.charges = np.zeros((max(1024, 2 * rows.size), self.k), dtype=np.float64)
-        self.charges[: rows.size] = kept
+        size = max(1024, 2 * rows.size)
+        kept = np.zeros((self.k, size), dtype=np.float64)
+        kept[:, : rows.size] = self.charges[:, rows]
+        self.charges = kept
+        total = np.zeros(size, dtype=np.float64)
+        total[: rows.size] = self.total[rows]
+        self.total = total
 
     def advance(self, now: float) -> None:
         """Move the ring to ``now``: buckets that fall out of the window are cleared for reuse."""
@@ -48,10 +64,13 @@ class ChargeRing:
         if self.current is None or b - self.current >= self.k:
             if self.current is not None:
                 self.charges[:] = 0.0
+                self.total[:] = 0.0
             self.current = b
             return
         for j in range(self.current + 1, b + 1):
-            self.charges[:, (j + self.ahead) % self.k] = 0.0
+            column = self.charges[(j + self.ahead) % self.k]
+            self.total -= column
+            column[:] = 0.0
         self.current = max(self.current, b)
 
     def column(self, at: float) -> int | None:
@@ -69,19 +88,16 @@ class ChargeRing:
     def charge(self, rows: np.ndarray, amounts: np.ndarray, at: float) -> None:
         col = self.column(at)
         if col is not None and rows.size:
-            np.add.at(self.charges[:, col], rows, amounts)
+            np.add.at(self.charges[col], rows, amounts)
+            np.add.at(self.total, rows, amounts)
 
     def used(self, rows: np.ndarray, now: float) -> np.ndarray:
         """Charges of each row in the buckets that reach into ``(now - window, ...]``."""
         assert self.current is not None, "advance() first"
         first = max(self.current - self.back, math.floor((now - self.window) / self.bucket))
-        used: np.ndarray
-        if first == self.current - self.back:  # every bucket counts: row sums
-            if 4 * rows.size > self.charges.shape[0]:
-                used = self.charges.sum(axis=1)[rows]
-            else:
-                used = self.charges[rows].sum(axis=1)
+        if first == self.current - self.back:  # every bucket counts: the running totals
+            used: np.ndarray = self.total[rows]
             return used
         cols = np.arange(first, self.current + self.ahead + 1) % self.k
-        used = self.charges[rows][:, cols].sum(axis=1)
+        used = self.charges[cols][:, rows].sum(axis=0)
         return used

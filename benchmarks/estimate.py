@@ -105,7 +105,15 @@ def measure_aggregator(config: AggregatorConfig, clients: int, servers: int) -> 
         now += config.tick
     n, m = len(state.clients), len(state.pairs)
     c, p, ring = state.clients, state.pairs, state.ring
-    client_arrays = (c.keys, c.slot_of, c.slot_keys, ring.charges, state.held, state.last_active)
+    client_arrays = (
+        c.keys,
+        c.slot_of,
+        c.slot_keys,
+        ring.charges,
+        ring.total,
+        state.held,
+        state.last_active,
+    )
     pair_arrays = (
         p.keys,
         p.slot_of,
@@ -115,7 +123,7 @@ def measure_aggregator(config: AggregatorConfig, clients: int, servers: int) -> 
         state.outstanding,
         state.seen,
     )
-    row = ring.charges.nbytes / ring.charges.shape[0]
+    row = (ring.charges.nbytes + ring.total.nbytes) / ring.rows
     per_client = _table_dense(c.keys, c.slot_of) + c.slot_keys.itemsize + row
     per_client += state.held.itemsize + state.last_active.itemsize
     per_pair = _table_dense(p.keys, p.slot_of) + p.slot_keys.itemsize
