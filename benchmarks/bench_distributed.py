@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from aggregator.allocate import water_fill  # noqa: E402
-from aggregator.partition import NEED_FLOOR, NEED_TICKS, PartitionState  # noqa: E402
+from aggregator.partition import NEED_FLOOR, NEED_TICKS, PartitionState, _groups  # noqa: E402
 from aggregator.service import Aggregator, AggregatorConfig  # noqa: E402
 from limiter import Policy, RateLimiter, Request  # noqa: E402
 from producer import wire  # noqa: E402
@@ -432,15 +432,14 @@ def tick_in_parts(
         )
     else:
         cur_pairs, cur_amounts = np.zeros(0, dtype=np.int64), np.zeros(0)
-    self._history.append((cur_pairs, cur_amounts))
     t0 = pc()
     t["demand"] = t0 - t1
-    recent, inverse = np.unique(np.concatenate([p for p, _ in self._history]), return_inverse=True)
-    recent_rate = np.bincount(
-        inverse.reshape(-1),
-        weights=np.concatenate([a for _, a in self._history]),
-        minlength=recent.size,
-    ) / len(self._history)
+    history = self._history
+    if len(history) == history.maxlen:
+        old_pairs, old_amounts = history.popleft()
+        self.wanted[old_pairs] -= old_amounts
+    history.append((cur_pairs, cur_amounts))
+    self.wanted[cur_pairs] += cur_amounts
     t1 = pc()
     t["history"] = t1 - t0
     m = len(self.pairs)
@@ -448,22 +447,20 @@ def tick_in_parts(
     self._ticks += 1
     if pairs.size == 0:
         return (np.zeros(0, dtype=np.uint64), np.zeros(0, np.int64), np.zeros(0, np.int64)), t
-    per_tick = np.zeros(pairs.size)
-    per_tick[np.searchsorted(pairs, recent)] = recent_rate
+    per_tick = self.wanted[pairs] / len(history)
     t0 = pc()
     t["keepalive"] = t0 - t1
-    clients, group = np.unique(self.pair_client[pairs], return_inverse=True)
-    group = group.reshape(-1)
+    clients, group = _groups(self.pair_client[pairs], len(self.clients))
     t1 = pc()
     t["clients"] = t1 - t0
     used = self.ring.used(clients, now)
     t0 = pc()
     t["used"] = t0 - t1
-    budget = np.maximum(0.0, self.limit - used - self.held[clients])
+    budget = np.maximum(0.0, self.limits[clients] - used - self.held[clients])
     need = np.maximum(0.0, np.ceil(NEED_TICKS * per_tick) + NEED_FLOOR - self.outstanding[pairs])
     t1 = pc()
     t["budget"] = t1 - t0
-    tokens = water_fill(group, per_tick + 1.0, need, budget)
+    tokens = water_fill(group, per_tick + 1.0, need, budget, self.pair_server[pairs])
     t0 = pc()
     t["water_fill"] = t0 - t1
     self.outstanding[pairs] += tokens
