@@ -11,8 +11,6 @@ import contextlib
 import json
 import math
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,78 +26,17 @@ import redis
 from redis.connection import Connection
 from redis.crc import key_slot
 
-import drl_services
 from limiter import Policy, Reason, Request, StrictLimiter
 from limiter.metrics import DecisionMetrics
 from limiter.strict import UNAVAILABLE, CircuitBreaker
+from tests.private_redis import PrivateRedis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "strict_worker.py"
 DEAD_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connection refused at once
 
 
-# -- a private redis-server -----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class PrivateRedis:
-    """A ``redis-server`` of this test alone: start, pause (SIGSTOP), kill, start again."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        server = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not Path(server).exists():
-            pytest.skip("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not drl_services.redis_ping("127.0.0.1", self.port, 0.2):
-            assert self.proc.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
-            time.sleep(0.02)
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL also ends a stopped process
-            self.proc.wait(timeout=10)
-        self.proc = None
+# -- a private redis-server (tests/private_redis.py) ------------------------------------------
 
 
 @pytest.fixture
