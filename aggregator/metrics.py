@@ -26,6 +26,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .breaker import STATE_NAMES
+from .control import Controller
 from .service import Aggregator
 
 #: Tick duration histogram buckets, seconds: a tick normally takes well under a millisecond to a
@@ -237,6 +239,8 @@ class AggregatorCollector(Collector):
             if math.isfinite(value):
                 offsets.add_metric([name], value)
         yield offsets
+        if agg.control is not None:
+            yield from _control_metrics(agg.control)
         if self._lag is not None:
             lag = self._lag()
             if lag is not None:
@@ -275,3 +279,59 @@ def parse_exposition(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]],
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
+
+
+def _control_metrics(control: Controller) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """Adaptive factors, breakers and the fleet's backend signals of the last control step."""
+    factor = GaugeMetricFamily(
+        "drl_aggregator_adaptive_factor",
+        "Per adaptive scope: the factor applied to its clients' configured limits (floor..1).",
+        labels=["scope"],
+    )
+    for scope, f in sorted(control.factors().items()):
+        factor.add_metric([scope], f)
+    yield factor
+    state = GaugeMetricFamily(
+        "drl_aggregator_breaker_state",
+        "Per backend: the circuit breaker's state (0 closed, 1 open, 2 half-open).",
+        labels=["backend"],
+    )
+    for name, value in control.breakers().items():
+        state.add_metric([name], float(STATE_NAMES.index(value)))
+    yield state
+    p99 = GaugeMetricFamily(
+        "drl_aggregator_backend_p99_seconds",
+        "Per backend: the fleet's p99 call latency over the last control interval.",
+        labels=["backend"],
+    )
+    errors = GaugeMetricFamily(
+        "drl_aggregator_backend_error_ratio",
+        "Per backend: failed calls / calls over the last control interval, fleet-wide.",
+        labels=["backend"],
+    )
+    saturation = GaugeMetricFamily(
+        "drl_aggregator_backend_saturation",
+        "Per backend: the mean saturation the servers reported over the last control interval.",
+        labels=["backend"],
+    )
+    for name, s in sorted(control.signals().items()):
+        if not math.isnan(s.p99):
+            p99.add_metric([name], s.p99)
+        if s.requests:
+            errors.add_metric([name], s.errors / s.requests)
+        if not math.isnan(s.saturation):
+            saturation.add_metric([name], s.saturation)
+    yield p99
+    yield errors
+    yield saturation
+    st = control.stats
+    yield _counter(
+        "drl_aggregator_health_reports",
+        "Health reports folded in (one per server per health interval, whatever the partitions).",
+        st.health_reports,
+    )
+    yield _counter(
+        "drl_aggregator_control_messages",
+        "Control steps taken (each sends one control message per grant partition).",
+        st.messages,
+    )

@@ -54,6 +54,13 @@ from producer.transport import (
 )
 
 from .checkpoint import CheckpointStore
+from .control import (
+    DEFAULT_CONTROL_INTERVAL,
+    Controller,
+    ControlOptions,
+    parse_adaptive,
+    parse_breakers,
+)
 from .http import DEFAULT_HOST, DEFAULT_PORT, OpsServer
 from .metrics import AggregatorCollector, new_registry, tick_histogram
 from .service import (
@@ -109,6 +116,20 @@ def _optional_seconds(value: object) -> float | None:
     if value is None or (isinstance(value, str) and value.lower() == "none"):
         return None
     return _seconds(value)
+
+
+def _adaptive(value: object) -> str | None:
+    text = _optional_text(value)
+    if text is not None:
+        parse_adaptive(text)  # refused here, before anything starts
+    return text
+
+
+def _breakers(value: object) -> str | None:
+    text = _optional_text(value)
+    if text is not None:
+        parse_breakers(text)
+    return text
 
 
 def _port(value: object) -> int:
@@ -187,6 +208,26 @@ OPTIONS: tuple[Option, ...] = (
         "TOML/JSON/YAML file (default: --limit for every client)",
     ),
     Option(
+        "adaptive",
+        "DRL_AGG_ADAPTIVE",
+        _adaptive,
+        "adaptive limits: policies separated by ';', each KEY=VALUE pairs separated by ',', e.g."
+        ' "scope=free,floor=0.2,target_p99=0.25,max_errors=0.05" (docs/adaptive.md; unset: off)',
+    ),
+    Option(
+        "breaker",
+        "DRL_AGG_BREAKER",
+        _breakers,
+        "circuit breakers per backend, same syntax, e.g. "
+        '"backend=db,error_rate=0.5,cooldown=5" (docs/adaptive.md; unset: off)',
+    ),
+    Option(
+        "control_interval",
+        "DRL_AGG_CONTROL_INTERVAL",
+        _seconds,
+        "seconds between adaptive/breaker steps and control messages",
+    ),
+    Option(
         "checkpoint_interval",
         "DRL_AGG_CHECKPOINT_INTERVAL",
         _optional_seconds,
@@ -229,6 +270,9 @@ class RunSettings:
     redis_url: str | None = None
     config_url: str | None = None
     checkpoint_interval: float | None = None
+    adaptive: str | None = None
+    breaker: str | None = None
+    control_interval: float = DEFAULT_CONTROL_INTERVAL
     id: str | None = None
     duration: float | None = None
     stats_file: str | None = None
@@ -791,7 +835,10 @@ def _run(settings: RunSettings) -> int:
                 else CheckpointStore(settings.redis_url, config.group, config.usage_topic)
             )
             limits = None if settings.config_url is None else _limits(settings.config_url, policy)
-            aggregator = Aggregator(config, transport, checkpoints=checkpoints, limits=limits)
+            control = _control(settings, config.aggregator_id)
+            aggregator = Aggregator(
+                config, transport, checkpoints=checkpoints, limits=limits, control=control
+            )
         except Exception as e:
             event(logging.ERROR, "startup_failed", error=f"{type(e).__name__}: {e}")
             return 1
@@ -825,8 +872,8 @@ def _run(settings: RunSettings) -> int:
             aggregator.close()
             if aggregator.checkpoints is not None:
                 aggregator.checkpoints.close()
-            if isinstance(aggregator.limits, ServiceKeyLimits):
-                aggregator.limits.close()
+            if isinstance(limits, ServiceKeyLimits):
+                limits.close()
         except Exception as e:
             event(logging.ERROR, "close_failed", error=f"{type(e).__name__}: {e}")
             code = code or 1
@@ -850,6 +897,16 @@ def _run(settings: RunSettings) -> int:
         state.phase = "stopped"
         server.close()
         restore()
+
+
+def _control(settings: RunSettings, aggregator_id: str) -> Controller | None:
+    """The adaptive limits and breakers of ``settings`` (None when neither is configured)."""
+    options = ControlOptions(
+        adaptive=parse_adaptive(settings.adaptive or ""),
+        breakers=parse_breakers(settings.breaker or ""),
+        interval=settings.control_interval,
+    )
+    return Controller(options, aggregator_id) if options.enabled else None
 
 
 def _limits(url: str, policy: Policy) -> ServiceKeyLimits:

@@ -24,6 +24,11 @@ previous owner granted has expired and what it admitted is reported, so the new 
 grants on top of tokens it cannot see. Meanwhile servers spend the leases
 they hold, then fall back to their cold-start allowance. docs/failure-modes.md has the bound.
 
+With a :class:`~aggregator.control.Controller` (``control=``), health reports on the usage topic
+feed it, every tick steps it (adaptive factors scale the limits granted by, at the same tick)
+and the control messages it returns go to every grant partition (docs/adaptive.md). Without
+one, health reports are skipped.
+
 Usage batches are applied at most once per (server, incarnation, partition): a batch whose
 sequence number is not above the last one applied is a duplicate or out of order and is skipped
 (counted). A malformed message is counted, logged and skipped.
@@ -49,6 +54,7 @@ from producer import wire
 from producer.transport import GRANTS_TOPIC, USAGE_TOPIC, QueueFull, Record, Transport
 
 from .checkpoint import SLOTS, Checkpoint, CheckpointStore
+from .control import Controller
 from .partition import MAX_SERVERS, PartitionState
 
 log = logging.getLogger(__name__)
@@ -241,13 +247,18 @@ class Aggregator:
         wall: Callable[[], float] = time.time,
         checkpoints: CheckpointStore | None = None,
         limits: LimitSource | None = None,
+        control: Controller | None = None,
     ) -> None:
         """``clock``: the aggregator's time (monotonic seconds); ``wall``: epoch seconds, the
         clock of the usage records' append times (the broker's). ``limits``: each client's own
         limit (per client and tier, from the configuration
         service: :class:`limiter.keylimits.ServiceKeyLimits`); default: ``config.policy``'s
-        limit for everyone."""
+        limit for everyone. ``control``: adaptive limits and breakers (the limits granted by are
+        then ``control.wrap(limits)``)."""
         self.config = config
+        self.control = control
+        if control is not None:
+            limits = control.wrap(limits, config.policy.limit)
         self.stats = AggregatorStats()
         self.checkpoints = checkpoints
         self.limits = limits
@@ -370,6 +381,11 @@ class Aggregator:
     def handle(self, record: Record) -> bool:
         """Apply one usage record; False if it was skipped (malformed, duplicate, unowned)."""
         try:
+            if wire.message_type(record.value) == wire.HEALTH_TYPE:
+                if self.control is None:
+                    return False
+                report = wire.decode_health(record.value)
+                return self.control.observe(report, record.timestamp, self._wall())
             batch = wire.decode_usage(record.value)
         except wire.WireError as e:
             self.stats.malformed += 1
@@ -436,8 +452,11 @@ class Aggregator:
         c = self.config
         per_server: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         cutoff = now - c.server_timeout
+        control = None if self.control is None else self.control.step(now)
         with self._lock:
             states = list(self._partitions.values())
+            if control is not None and not states:
+                control = None  # owning no partition, it heard no health: it has nothing to say
             if self.limits is not None:
                 version = self.limits.current().version
                 if version != self._limits_version:  # the configuration changed
@@ -494,6 +513,13 @@ class Aggregator:
                     np.concatenate([t for _, t in parts]), wire.MAX_GRANT
                 )
             self._send_grants(name, records, now, len(active))
+        if control is not None:
+            data = wire.encode_control(control)
+            for partition in range(self._grant_partitions):
+                try:
+                    self._sender.send(c.grants_topic, partition, data)
+                except QueueFull:
+                    self.stats.produce_errors += 1
         self.stats.ticks += 1
         self.stats.last_tick_seconds = time.perf_counter() - started
 

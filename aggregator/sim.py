@@ -17,6 +17,13 @@ apply grants every 50 ms), and failures (the aggregator paused, or restarted wit
 a server crashed and maybe restarted). The loop: deliveries, allocation ticks, usage reports and
 requests, in time order.
 
+A protected backend can be simulated too (``SimConfig.backend``,
+:mod:`aggregator.simbackend`: latency rising with load, incidents): every admitted request calls
+it, each server's agent reports its health (:class:`producer.health.BackendMonitor`), and with
+``SimConfig.control`` the aggregator runs the real :class:`aggregator.control.Controller`
+(adaptive factors, breakers), whose control messages reach every server; requests are checked
+against the server's breaker before the limiter (refused ones are ``BROKEN``).
+
 For comparison, ``SimConfig.mode`` can also replace the whole approximate mode by local-mode
 limiters (the real :class:`limiter.RateLimiter` with a local algorithm, no agents, no
 aggregator): ``"local"``, every server enforcing ``L`` on its own (fully disconnected; with one
@@ -42,13 +49,16 @@ from typing import Any
 import numpy as np
 
 from limiter import ALGORITHMS, Policy, RateLimiter, Request
+from limiter.keylimits import FixedKeyLimits, KeyLimits, ScaledKeyLimits
 from limiter.keys import client_key
 from limiter.lease import LeaseOptions
 from limiter.ratelimiter import Usage
 from producer import wire
-from producer.agent import DEFAULT_HEARTBEAT_INTERVAL, Agent
+from producer.agent import DEFAULT_HEALTH_INTERVAL, DEFAULT_HEARTBEAT_INTERVAL, Agent
+from producer.health import BackendMonitor, BreakerGate
 from producer.transport import USAGE_TOPIC, Record
 
+from .control import Controller, ControlOptions
 from .service import (
     DEFAULT_SERVER_TIMEOUT,
     DEFAULT_TTL_TICKS,
@@ -56,6 +66,7 @@ from .service import (
     Aggregator,
     AggregatorConfig,
 )
+from .simbackend import Backend, BackendSpec
 
 #: The simulation's true clock starts here (seconds); results are relative to it.
 T0 = 1000.0
@@ -65,7 +76,8 @@ WAIT_POLL = 0.005
 #: Where an admission (or refusal) was decided: from a live lease, by the cold-start rule, by the
 #: degraded share. ``LOST``: never decided (the server crashed while the request waited, or no
 #: server was alive). ``LOCAL``: by a server's local algorithm (modes ``local`` and ``static``).
-LEASE, COLD, DEGRADED, LOST, LOCAL = 0, 1, 2, 3, 4
+#: ``BROKEN``: refused by the server's circuit breaker before the limiter saw it.
+LEASE, COLD, DEGRADED, LOST, LOCAL, BROKEN = 0, 1, 2, 3, 4, 5
 
 #: ``SimConfig.mode``: the approximate mode (leases), every server a local limiter enforcing
 #: ``L`` (fully disconnected), or every server enforcing ``max(1, ⌊L/N⌋)`` (a static split).
@@ -184,6 +196,12 @@ class SimConfig:
     #: do not happen; server failures do (a restarted server starts empty).
     mode: str = "approximate"
     local_algorithm: str = "sliding_log"
+    #: a protected backend every admitted request calls (none: no calls, no health reports)
+    backend: BackendSpec | None = None
+    #: the aggregator's adaptive limits and breakers (none: no controller)
+    control: ControlOptions | None = None
+    #: seconds between the agents' health reports (with a backend)
+    health_interval: float = DEFAULT_HEALTH_INTERVAL
 
     def __post_init__(self) -> None:
         if self.servers < 1 or self.limit < 1 or self.window <= 0 or self.duration <= 0:
@@ -680,6 +698,8 @@ class _Server:
     alive: bool = True
     parked: dict[int, float] = field(default_factory=dict)  # request -> lease-ready poll time
     pending: list[_Grants] = field(default_factory=list)  # delivered, not yet polled
+    #: the server's breaker of the simulated backend (with breakers configured)
+    gate: BreakerGate | None = None
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -763,6 +783,15 @@ class SimResult:
     #: with ``config.track``: sample times, and tokens in live leases ``[sample, tracked]``
     held_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
     held: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    #: with ``config.backend``, per request: the backend call's latency (NaN: not called) and
+    #: whether it succeeded
+    latency: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    call_ok: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: with ``config.control``, at every tick: the aggregator's factor per scope and breaker
+    #: state per backend (0 closed, 1 open, 2 half-open)
+    control_t: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    factors: dict[str, np.ndarray] = field(default_factory=dict)
+    breakers: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def limit(self) -> int:
@@ -818,7 +847,7 @@ class SimResult:
             self.limit,
             self.config.window,
             self.offered.size,
-            self.source != LOST,
+            ~np.isin(self.source, (LOST, BROKEN)),
         )
 
     def summary(self) -> dict[str, float]:
@@ -934,6 +963,12 @@ class Simulation:
         self._source = np.full(n, LOST, dtype=np.int8)
         self._decided = np.array(workload.times, dtype=np.float64)
         self._decided_by = np.full(n, -1, dtype=np.int64)
+        self.backend = None if config.backend is None else Backend(config.backend, config.seed)
+        self._latency = np.full(n if config.backend is not None else 0, np.nan)
+        self._call_ok = np.ones(n if config.backend is not None else 0, dtype=bool)
+        self._control_t: list[float] = []
+        self._factors: dict[str, list[float]] = {}
+        self._breakers: dict[str, list[int]] = {}
         self.stats: dict[str, float] = {
             "usage_batches": 0,
             "grant_batches": 0,
@@ -941,6 +976,7 @@ class Simulation:
             "bytes": 0,
             "rerouted": 0,
             "parked": 0,
+            "broken": 0,
         }
 
     # -- processes -----------------------------------------------------------------------------
@@ -960,6 +996,9 @@ class Simulation:
                 shards=1,
             )
             return _Server(s, name, local, None, _Endpoint(self, name), self.t)
+        limits = None
+        if c.control is not None:
+            limits = ScaledKeyLimits(FixedKeyLimits(KeyLimits.uniform(c.limit)))
         limiter = _Metered(
             self.accounts,
             self._keymap,
@@ -970,16 +1009,23 @@ class Simulation:
             clock=self._clock(self._skew[s]),
             sleep=_no_sleep,
             shards=1,
+            limits=limits,
         )
         endpoint = _Endpoint(self, name)
+        monitor = None if c.backend is None else BackendMonitor()
         agent = Agent(
             limiter,
             endpoint,
             name,
             report_interval=c.report_interval,
             heartbeat_interval=c.heartbeat_interval,
+            monitor=monitor,
+            health_interval=c.health_interval,
         )
-        return _Server(s, name, limiter, agent, endpoint, self.t)
+        server = _Server(s, name, limiter, agent, endpoint, self.t)
+        if c.backend is not None and c.control is not None and c.control.breakers:
+            server.gate = agent.breaker(c.backend.name)
+        return server
 
     def _start_aggregator(self) -> Aggregator:
         name = f"agg-{self._aggregators}"
@@ -987,11 +1033,13 @@ class Simulation:
         skew = self.config.aggregator_skew
         self._agg_endpoint = _Endpoint(self, name)
         # records are stamped with the true time (the broker's append time)
+        control = self.config.control
         return Aggregator(
             self.config.aggregator_config(name),
             self._agg_endpoint,
             clock=self._clock(skew),
             wall=lambda: self.t,
+            control=None if control is None else Controller(control, name),
         )
 
     # -- Kafka ---------------------------------------------------------------------------------
@@ -1020,6 +1068,12 @@ class Simulation:
         self.stats["bytes"] += len(value)
         if topic == USAGE_TOPIC:
             self._push(self._deliver_at((src.name, partition), _USAGE), _USAGE, record)
+            return
+        if wire.message_type(value) == wire.CONTROL_TYPE:  # every server reads it
+            nothing = (np.zeros(0, dtype=np.int64), np.zeros(0))
+            for dest in range(len(self.servers)):
+                at = self._deliver_at((src.name, dest), _GRANT)
+                self._push(at, _GRANT, (dest, self.t, record, nothing))
             return
         batch = wire.decode_grants(value)
         grants = (self._keymap(batch.records["key"]), batch.records["tokens"].astype(np.float64))
@@ -1111,6 +1165,17 @@ class Simulation:
         if self._agg_up:
             self._read_backlog()
             self.aggregator.tick()
+        control = self.aggregator.control
+        if control is not None:
+            self._control_t.append(self.t - T0)
+            for scope, f in control.factors().items():
+                self._factors.setdefault(scope, []).append(f)
+            states = control.breakers()
+            for name in {b.backend for b in control.options.breakers if b.backend != "*"}:
+                states.setdefault(name, "closed")
+            for name, state in states.items():
+                code = ("closed", "open", "half_open").index(state)
+                self._breakers.setdefault(name, []).append(code)
         if self.config.track:
             names = [self.names[c] for c in self.config.track]
             live = [s.limiter for s in self.servers if s.alive]
@@ -1131,14 +1196,30 @@ class Simulation:
         self.stats["rerouted"] += 1
         return live[(i * 2654435761) % len(live)]
 
+    def _call_backend(self, i: int, server: _Server) -> None:
+        """An admitted request calls the backend; its server's monitor sees the outcome."""
+        if self.backend is None:
+            return
+        latency, ok = self.backend.call(self.t - T0)
+        self._latency[i], self._call_ok[i] = latency, ok
+        if server.agent is not None and server.agent.monitor is not None:
+            server.agent.monitor.observe(self.backend.spec.name, latency, ok)
+
     def _decide(self, server: _Server, i: int, final: bool = False) -> None:
         lim = server.limiter
         name = self.names[self.workload.clients[i]]
         now = lim.now()
+        if not final and server.gate is not None and not server.gate.allow():
+            self._source[i] = BROKEN
+            self._decided_by[i] = server.index
+            self.stats["broken"] += 1
+            return
         if self.config.local:
             self._source[i] = LOCAL
             self._decided_by[i] = server.index
             self._admitted[i] = lim.allow_request(name, Request(now))
+            if self._admitted[i]:
+                self._call_backend(i, server)
             return
         if lim.lease_info(name) is not None:
             source = LEASE
@@ -1160,6 +1241,8 @@ class Simulation:
             self._push(deadline, _WAKE, (server.index, server.started, i))
             return
         self._admitted[i] = ok
+        if ok:
+            self._call_backend(i, server)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -1279,7 +1362,13 @@ class Simulation:
             stamps = np.sort(self._decided[adm & (w.clients == j)])
             per_window[j] = _mean_window(stamps, c.window, warm, c.duration)
         false = _false_rejections(
-            self._decided, w.clients, adm, self._source != LOST, c.limit, c.window, k
+            self._decided,
+            w.clients,
+            adm,
+            ~np.isin(self._source, (LOST, BROKEN)),
+            c.limit,
+            c.window,
+            k,
         )
         self.stats["wall_seconds"] = seconds
         agents = [s.agent.stats for s in (*self._retired, *self.servers) if s.agent is not None]
@@ -1306,6 +1395,11 @@ class Simulation:
             dict(self.stats),
             np.array(self._held_t),
             np.array(self._held, dtype=np.float64).reshape(len(self._held_t), len(c.track)),
+            self._latency,
+            self._call_ok,
+            np.array(self._control_t),
+            {k: np.array(v) for k, v in self._factors.items()},
+            {k: np.array(v, dtype=np.int8) for k, v in self._breakers.items()},
         )
 
 

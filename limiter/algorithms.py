@@ -84,6 +84,10 @@ class Algorithm:
         """True when the state limits nothing any more: forgetting it changes no decision."""
         return self.reset_after(s, b, now) <= 0.0
 
+    def limit_of(self, s: Cells, b: int) -> int:
+        """The limit this client's decisions report (``Decision.limit``): the policy's."""
+        return self.limit
+
 
 class TokenBucket(Algorithm):
     """Cells: ``used`` tokens (capacity minus tokens left), ``last`` refill time.

@@ -110,6 +110,12 @@ class LeaseAlgorithm(Algorithm):
             return self.allowance
         return max(1.0, math.floor(self.options.cold_start_allowance * own))
 
+    def limit_of(self, s: Cells, b: int) -> int:
+        """The client's own limit (scaled by an adaptive factor, when one applies), whole tokens
+        (at least 1); the policy's when it has none."""
+        own: float = s[b + LIMIT]
+        return self.limit if own <= 0.0 else max(1, int(own))
+
     def set_servers(self, servers: int) -> None:
         """The active server count the degraded share divides the limit by."""
         self.servers = max(1, servers)

@@ -12,7 +12,10 @@ Every judged request gets the ``RateLimit-Policy`` and ``RateLimit`` fields of
 draft-ietf-httpapi-ratelimit-headers (structured-field form, drafts -08 to -11), optionally the
 common ``X-RateLimit-*`` headers too; a refusal is ``429`` with ``Retry-After`` and a small JSON
 body, ``503`` when the limiter answers :attr:`Reason.UNAVAILABLE`, and a client id that cannot be
-determined or fails validation is ``400``. See docs/middleware.md.
+determined or fails validation is ``400``. With ``breaker=`` (a circuit breaker in front of the
+backend the app protects, e.g. ``agent.breaker("db")``: docs/adaptive.md), a request arriving
+while the breaker refuses is ``503`` with ``Retry-After``, before the limiter spends a token.
+See docs/middleware.md.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = [
+    "Breaker",
     "ClientKey",
     "Limiter",
     "RateLimitGate",
@@ -83,6 +87,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 KeyFunc = Callable[[Any], object]
 #: A cost function: the ASGI scope or WSGI environ in, the request's cost in tokens out.
 CostFunc = Callable[[Any], int]
+
+
+class Breaker(Protocol):
+    """What ``breaker=`` needs: :class:`producer.health.BreakerGate` qualifies."""
+
+    def allow(self) -> bool: ...
+
+    def retry_after(self) -> float: ...
 
 
 class Limiter(Protocol):
@@ -375,7 +387,8 @@ class RateLimitGate:
     - ``shadow_limited``: would have been refused (429 or 503) but shadow mode let them through;
     - ``invalid``: no usable client id: answered 400 (let through in shadow mode);
     - ``errors``: the key function, the cost function or the limiter raised something else
-      (the exception propagates: the server answers 500).
+      (the exception propagates: the server answers 500);
+    - ``broken``: refused by ``breaker`` (503; in shadow mode let through to the limiter).
     """
 
     COUNTERS: Final = (
@@ -387,6 +400,7 @@ class RateLimitGate:
         "shadow_limited",
         "invalid",
         "errors",
+        "broken",
     )
 
     def __init__(
@@ -398,6 +412,7 @@ class RateLimitGate:
         exempt_paths: Iterable[str] = (),
         policy_name: str = "default",
         offload: bool = False,
+        breaker: Breaker | None = None,
     ) -> None:
         if not callable(getattr(limiter, "check", None)):
             raise TypeError(f"limiter must have check(client_id, cost=...), got {limiter!r}")
@@ -405,6 +420,9 @@ class RateLimitGate:
         self.shadow = bool(shadow)
         self.x_ratelimit_headers = bool(x_ratelimit_headers)
         self.offload = bool(offload)
+        if breaker is not None and not callable(getattr(breaker, "allow", None)):
+            raise TypeError(f"breaker must have allow() and retry_after(), got {breaker!r}")
+        self.breaker = breaker
         self.policy_name = policy_name
         self._name = _sf_string(policy_name)
         self._windows, self._first_window = _policy_windows(limiter)
@@ -419,6 +437,7 @@ class RateLimitGate:
         self.shadow_limited = 0
         self.invalid = 0
         self.errors = 0
+        self.broken = 0
 
     def stats(self) -> dict[str, int]:
         """A consistent snapshot of the counters."""
@@ -460,6 +479,29 @@ class RateLimitGate:
         except Exception:
             self._bump("errors")
             raise
+
+    def _open(self, client_id: str) -> RateLimitOutcome | None:
+        """The 503 outcome when ``breaker`` refuses the request, else None."""
+        breaker = self.breaker
+        if breaker is None or breaker.allow():
+            return None
+        self._bump("broken")
+        if self.shadow:
+            return None
+        retry = max(1, _whole_seconds(breaker.retry_after()) or 1)
+        body = {"error": "backend_unavailable", "reason": "breaker_open", "retry_after": retry}
+        headers = (("Retry-After", str(retry)), _JSON)
+        return RateLimitOutcome(503, headers, json.dumps(body).encode(), None, client_id)
+
+    def _judge(self, client_id: str, cost: int) -> RateLimitOutcome:
+        """The breaker, then the limiter."""
+        return self._open(client_id) or self._verdict(self._check(client_id, cost), client_id)
+
+    async def _judge_async(self, client_id: str, cost: int) -> RateLimitOutcome:
+        broken = self._open(client_id)
+        if broken is not None:
+            return broken
+        return self._verdict(await self._check_async(client_id, cost), client_id)
 
     def _check(self, client_id: str, cost: int) -> Decision:
         try:
@@ -578,6 +620,9 @@ class RateLimitMiddleware(RateLimitGate):
     - ``policy_name``: the policy identifier in the fields (default ``"default"``).
     - ``offload``: call ``limiter.check`` in a worker thread (``asyncio.to_thread``): for a
       limiter whose check blocks on the network (:class:`~limiter.StrictLimiter`). Needs asyncio.
+    - ``breaker``: a circuit breaker (``allow()``, ``retry_after()``; e.g.
+      ``agent.breaker("db")``) checked before the limiter: refused requests get 503 with
+      ``Retry-After`` and spend no token (default: none).
 
     ``lifespan`` and ``websocket`` scopes pass through untouched. The outcome is put in
     ``scope["state"]["rate_limit"]`` (Starlette: ``request.state.rate_limit``).
@@ -595,6 +640,7 @@ class RateLimitMiddleware(RateLimitGate):
         exempt_paths: Iterable[str] = (),
         policy_name: str = "default",
         offload: bool = False,
+        breaker: Breaker | None = None,
     ) -> None:
         super().__init__(
             limiter,
@@ -603,6 +649,7 @@ class RateLimitMiddleware(RateLimitGate):
             exempt_paths=exempt_paths,
             policy_name=policy_name,
             offload=offload,
+            breaker=breaker,
         )
         self.app = app
         self.key = _as_key(key)
@@ -627,7 +674,7 @@ class RateLimitMiddleware(RateLimitGate):
             outcome = resolved
         else:
             client_id, n = resolved
-            outcome = self._verdict(await self._check_async(client_id, n), client_id)
+            outcome = await self._judge_async(client_id, n)
         state = scope.get("state")
         if state is None:
             scope["state"] = {SCOPE_STATE_KEY: outcome}
@@ -663,9 +710,9 @@ async def _send_refusal(send: Send, outcome: RateLimitOutcome) -> None:
 class WSGIRateLimitMiddleware(RateLimitGate):
     """WSGI middleware (Flask: ``app.wsgi_app = WSGIRateLimitMiddleware(app.wsgi_app, ...)``).
 
-    The options of :class:`RateLimitMiddleware` except ``offload``; ``key`` and ``cost``
-    functions take the WSGI environ, ``exempt_paths`` match ``PATH_INFO``. The outcome is put in
-    ``environ["limiter.rate_limit"]``.
+    The options of :class:`RateLimitMiddleware` (``breaker`` included) except ``offload``;
+    ``key`` and ``cost`` functions take the WSGI environ, ``exempt_paths`` match ``PATH_INFO``.
+    The outcome is put in ``environ["limiter.rate_limit"]``.
     """
 
     def __init__(
@@ -679,6 +726,7 @@ class WSGIRateLimitMiddleware(RateLimitGate):
         x_ratelimit_headers: bool = False,
         exempt_paths: Iterable[str] = (),
         policy_name: str = "default",
+        breaker: Breaker | None = None,
     ) -> None:
         super().__init__(
             limiter,
@@ -686,6 +734,7 @@ class WSGIRateLimitMiddleware(RateLimitGate):
             x_ratelimit_headers=x_ratelimit_headers,
             exempt_paths=exempt_paths,
             policy_name=policy_name,
+            breaker=breaker,
         )
         self.app = app
         self.key = _as_key(key)
@@ -706,7 +755,7 @@ class WSGIRateLimitMiddleware(RateLimitGate):
             outcome = resolved
         else:
             client_id, n = resolved
-            outcome = self._verdict(self._check(client_id, n), client_id)
+            outcome = self._judge(client_id, n)
         environ[ENVIRON_KEY] = outcome
         if outcome.status is not None:
             headers = [*outcome.headers, ("Content-Length", str(len(outcome.body)))]
@@ -737,6 +786,7 @@ def rate_limited(
     policy_name: str = "default",
     on_refused: Callable[[RateLimitRefused], Any] | None = None,
     offload: bool = False,
+    breaker: Breaker | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Limit one handler, sync or async, in any framework.
 
@@ -746,9 +796,9 @@ def rate_limited(
     exception handler; or, with ``on_refused``, returns ``on_refused(exc)`` instead (awaited if
     awaitable, in an async handler). An admitted call runs the handler, within which
     :func:`current_rate_limit` gives the outcome (its ``headers`` to copy onto the response).
-    ``shadow``, ``x_ratelimit_headers``, ``policy_name`` and ``offload`` (async handlers) as for
-    :class:`RateLimitMiddleware`. Counters: ``handler.rate_limit`` (a :class:`RateLimitGate`),
-    shared by all the handlers one ``rate_limited(...)`` call decorates.
+    ``shadow``, ``x_ratelimit_headers``, ``policy_name``, ``breaker`` and ``offload`` (async
+    handlers) as for :class:`RateLimitMiddleware`. Counters: ``handler.rate_limit`` (a
+    :class:`RateLimitGate`), shared by all the handlers one ``rate_limited(...)`` call decorates.
     """
     if not callable(key):
         raise TypeError(f"key must be a function of the handler's arguments, got {key!r}")
@@ -763,6 +813,7 @@ def rate_limited(
         x_ratelimit_headers=x_ratelimit_headers,
         policy_name=policy_name,
         offload=offload,
+        breaker=breaker,
     )
 
     def resolve(
@@ -784,8 +835,7 @@ def rate_limited(
                 if isinstance(resolved, RateLimitOutcome):
                     outcome = resolved
                 else:
-                    decision = await gate._check_async(*resolved)
-                    outcome = gate._verdict(decision, resolved[0])
+                    outcome = await gate._judge_async(*resolved)
                 if outcome.status is not None:
                     refused = RateLimitRefused(outcome)
                     if on_refused is None:
@@ -804,10 +854,7 @@ def rate_limited(
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             resolved = resolve(args, kwargs)
-            if isinstance(resolved, RateLimitOutcome):
-                outcome = resolved
-            else:
-                outcome = gate._verdict(gate._check(*resolved), resolved[0])
+            outcome = resolved if isinstance(resolved, RateLimitOutcome) else gate._judge(*resolved)
             if outcome.status is not None:
                 refused = RateLimitRefused(outcome)
                 if on_refused is None:

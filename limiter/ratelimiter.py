@@ -346,6 +346,11 @@ class RateLimiter:
     # -- approximate mode: what the streaming agent calls ---------------------------------------
 
     @property
+    def limit_source(self) -> LimitSource | None:
+        """Approximate mode's per-client limits (``limits=``), if any."""
+        return self._limits
+
+    @property
     def lease(self) -> LeaseAlgorithm:
         """The approximate mode's lease state (policy, degraded share, last grant time)."""
         if self._lease is None:
@@ -616,7 +621,7 @@ class RateLimiter:
             b = i * a.width
             remaining = a.remaining(s, b, now)
             if best is None or remaining < best[0]:
-                best = (remaining, a.reset_after(s, b, now), a.limit)
+                best = (remaining, a.reset_after(s, b, now), a.limit_of(s, b))
             if not allowed:
                 retry = max(retry, a.retry_after(s, b, now, cost))
         assert best is not None

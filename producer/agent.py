@@ -20,6 +20,15 @@ over the last minute (the aggregator's clock plus the fastest delivery seen). A 
 ``issued`` with ``ttl`` ends at ``issued + offset + ttl`` on the limiter's clock. (The bound does
 not depend on it: unspent tokens stay counted by the aggregator until reported released.)
 
+Backend health and protection (docs/adaptive.md), only with a ``monitor``
+(:class:`~producer.health.BackendMonitor`): every ``health_interval`` the reporter also sends a
+health report (calls, errors, a latency histogram and a saturation per backend) to every usage
+partition, so that every aggregator hears every server. The receiver takes the aggregators'
+control messages from the grant partition: adaptive factors per scope, passed to the limiter's
+:class:`~limiter.keylimits.ScaledKeyLimits` (its degraded share, cold-start allowance and
+``Decision.limit`` follow the effective limit), and breaker states, which
+:meth:`Agent.breaker` exposes as :class:`~producer.health.BreakerGate`.
+
 Every failure in these threads is counted in :attr:`Agent.stats` and never raised to callers.
 """
 
@@ -34,8 +43,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from limiter import RateLimiter
+from limiter.keylimits import ScaledKeyLimits
 
 from . import wire
+from .health import BackendMonitor, BreakerGate, ControlView
 from .transport import GRANTS_TOPIC, USAGE_TOPIC, QueueFull, Receiver, Sender, Transport
 
 log = logging.getLogger(__name__)
@@ -46,6 +57,8 @@ DEFAULT_REPORT_INTERVAL = 0.1
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 #: Usage records kept for retry while the broker does not take them.
 DEFAULT_MAX_PENDING_RECORDS = 1_000_000
+#: Seconds between health reports (with a backend monitor).
+DEFAULT_HEALTH_INTERVAL = 0.25
 #: How long one clock-offset estimate window lasts, seconds.
 OFFSET_WINDOW = 30.0
 
@@ -75,6 +88,9 @@ class AgentStats:
     tokens_extra: float = 0.0
     tokens_rejected: float = 0.0
     tokens_released: float = 0.0
+    #: health reports sent (one per usage partition each), control messages applied
+    health_reports: int = 0
+    control_messages: int = 0
 
 
 class _Offset:
@@ -108,11 +124,17 @@ class Agent:
         max_pending_records: int = DEFAULT_MAX_PENDING_RECORDS,
         usage_topic: str = USAGE_TOPIC,
         grants_topic: str = GRANTS_TOPIC,
+        monitor: BackendMonitor | None = None,
+        health_interval: float = DEFAULT_HEALTH_INTERVAL,
     ) -> None:
+        """``monitor``: the backends whose health this server reports (none: no health
+        reports); ``health_interval``: seconds between them."""
         limiter.lease  # noqa: B018 -- raises for a local-mode limiter
         wire._pack_str("server_id", server_id)
-        if not report_interval > 0 or not heartbeat_interval > 0:
-            raise ValueError("report_interval and heartbeat_interval must be > 0 seconds")
+        if not report_interval > 0 or not heartbeat_interval > 0 or not health_interval > 0:
+            raise ValueError(
+                "report_interval, heartbeat_interval and health_interval must be > 0 seconds"
+            )
         self.limiter = limiter
         self.server_id = server_id
         self.report_interval = float(report_interval)
@@ -142,6 +164,25 @@ class Agent:
         self._unclaimed_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.monitor = monitor
+        self.health_interval = float(health_interval)
+        self._health_seq = 0
+        self._last_health = self._last_report
+        source = limiter.limit_source
+        self._scaled = source if isinstance(source, ScaledKeyLimits) else None
+        self.control = ControlView(limiter.now, self._factors_changed)
+
+    def breaker(self, backend: str) -> BreakerGate:
+        """The breaker of ``backend`` as the aggregators decided it: ``allow()`` before a call."""
+        return self.control.gate(backend)
+
+    def factors(self) -> dict[str, float]:
+        """Scope -> the adaptive factor in force (scopes at 1 left out)."""
+        return self.control.factors()
+
+    def _factors_changed(self, factors: dict[str, float]) -> None:
+        if self._scaled is not None:
+            self._scaled.set_factors(factors)
 
     @property
     def pending_records(self) -> int:
@@ -221,7 +262,33 @@ class Agent:
                 self._send(p, chunk[start : start + wire.BATCH_RECORDS], now)
         self._last_report = now
         self._leases_since_report = 0
+        self.control.refresh()
+        if self.monitor is not None and now - self._last_health >= self.health_interval:
+            self._send_health(now)
         self._sender.service()
+
+    def _send_health(self, now: float) -> None:
+        """One health report, to every usage partition (every aggregator must hear it)."""
+        assert self.monitor is not None
+        self._health_seq += 1
+        report = wire.HealthReport(
+            self.server_id,
+            self.incarnation,
+            self._health_seq,
+            min(self._last_health, now),
+            now,
+            self.monitor.drain(),
+        )
+        self._last_health = now
+        data = wire.encode_health(report)
+        for p in range(self._usage_partitions):
+            try:
+                self._sender.send(self.usage_topic, p, data)
+            except QueueFull:
+                self.stats.send_retries += 1  # health is not retried: the next one supersedes it
+                continue
+            self.stats.health_reports += 1
+            self.stats.bytes_sent += len(data)
 
     def _send(self, partition: int, records: np.ndarray, now: float) -> None:
         self._seq += 1
@@ -271,6 +338,10 @@ class Agent:
         applied = 0
         for record in self._receiver.poll(timeout):
             try:
+                if wire.message_type(record.value) == wire.CONTROL_TYPE:
+                    if self.control.apply(wire.decode_control(record.value)):
+                        self.stats.control_messages += 1
+                    continue
                 batch = wire.decode_grants(record.value)
             except wire.WireError as e:
                 self.stats.malformed += 1

@@ -15,9 +15,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from limiter import RateLimiter
+from limiter.keylimits import FixedKeyLimits, KeyLimits, LimitSource, ScaledKeyLimits
 from limiter.lease import LeaseOptions
 
-from .agent import DEFAULT_REPORT_INTERVAL, Agent
+from .agent import DEFAULT_HEALTH_INTERVAL, DEFAULT_REPORT_INTERVAL, Agent
+from .health import BackendMonitor
 from .transport import GRANTS_TOPIC, USAGE_TOPIC, Transport
 
 #: The Kafka clients a transport can use.
@@ -52,21 +54,33 @@ def connect(
     usage_topic: str = USAGE_TOPIC,
     grants_topic: str = GRANTS_TOPIC,
     lease_options: LeaseOptions | None = None,
+    limits: LimitSource | None = None,
+    adaptive: bool = True,
+    monitor: BackendMonitor | None = None,
+    health_interval: float = DEFAULT_HEALTH_INTERVAL,
     **limiter_options: Any,
 ) -> tuple[RateLimiter, Agent]:
     """An approximate-mode :class:`RateLimiter` and its started :class:`Agent`.
 
     Give ``bootstrap`` (and optionally ``client``/``kafka_config``), or a ready ``transport``.
+    ``limits``: per-client limits (:class:`~limiter.keylimits.ServiceKeyLimits`; default
+    ``max_requests`` for everyone). ``adaptive`` (default on): the limiter's limits follow the
+    aggregators' adaptive factors (:class:`~limiter.keylimits.ScaledKeyLimits`; at factor 1
+    nothing changes). ``monitor``: the backends this server reports on (docs/adaptive.md),
+    every ``health_interval`` seconds.
     """
     if transport is None:
         if not bootstrap:
             raise ValueError("give the Kafka bootstrap servers (or a transport)")
         transport = make_transport(bootstrap, client=client, config=kafka_config)
+    if adaptive:
+        limits = ScaledKeyLimits(limits or FixedKeyLimits(KeyLimits.uniform(max_requests)))
     limiter = RateLimiter(
         max_requests,
         time_window_seconds,
         mode="approximate",
         lease_options=lease_options,
+        limits=limits,
         **limiter_options,
     )
     agent = Agent(
@@ -76,5 +90,7 @@ def connect(
         report_interval=report_interval,
         usage_topic=usage_topic,
         grants_topic=grants_topic,
+        monitor=monitor,
+        health_interval=health_interval,
     )
     return limiter, agent.start()

@@ -69,6 +69,16 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("drl_agent_malformed", "malformed", "Grant messages that did not decode (skipped)."),
     ("drl_agent_errors", "errors", "Exceptions caught in the agent's threads."),
     (
+        "drl_agent_health_reports",
+        "health_reports",
+        "Health reports handed to the producer (one per usage partition per health interval).",
+    ),
+    (
+        "drl_agent_control_messages",
+        "control_messages",
+        "Control messages (adaptive factors, breakers) applied.",
+    ),
+    (
         "drl_agent_released_tokens",
         "tokens_released",
         "Tokens left unspent in expired leases, reported back to the aggregator.",
@@ -173,3 +183,33 @@ class AgentCollector(Collector):
                     offsets.add_metric([agent.server_id, aggregator_id], value)
         yield from gauges.values()
         yield offsets
+        yield from _control_metrics(self.agents)
+
+
+def _control_metrics(agents: Sequence[Agent]) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """What the aggregators' control messages say, as this server obeys it."""
+    factor = GaugeMetricFamily(
+        "drl_agent_adaptive_factor",
+        "Per adaptive scope below 1: the factor applied to its clients' limits here.",
+        labels=["server_id", "scope"],
+    )
+    state = GaugeMetricFamily(
+        "drl_agent_breaker_state",
+        "Per backend: the circuit breaker as this server obeys it (0 closed, 1 open, 2 half-open).",
+        labels=["server_id", "backend"],
+    )
+    refused = CounterMetricFamily(
+        "drl_agent_breaker_refused",
+        "Per backend: calls the breaker refused (open, or half-open beyond the probe share).",
+        labels=["server_id", "backend"],
+    )
+    for agent in agents:
+        for scope, f in sorted(agent.factors().items()):
+            factor.add_metric([agent.server_id, scope], f)
+        for name, gate in sorted(agent.control.gates().items()):
+            code = ("closed", "open", "half_open").index(gate.current())
+            state.add_metric([agent.server_id, name], float(code))
+            refused.add_metric([agent.server_id, name], float(gate.refused))
+    yield factor
+    yield state
+    yield refused

@@ -26,6 +26,31 @@ Grant batch (type 2), aggregator -> one server::
     server_id  str      the addressee
     count      u32      records that follow, 12 bytes each: key u64, tokens u32
 
+Health report (type 3), server -> every usage partition (so that every aggregator hears every
+server), every ``health_interval``, only from agents given a backend monitor::
+
+    server_id  str      the reporting server
+    incarnation u64     as in the usage batch
+    seq        u64      per sender, +1 per report (one sequence for health reports)
+    start, end f64 f64  the interval reported, on the server's own clock (seconds)
+    count      u16      backends that follow, each:
+        name str, requests u32, errors u32, saturation f32 (0..1; NaN: not reported),
+        latency u32 x LATENCY_BUCKETS   calls per latency bucket (:data:`LATENCY_EDGES`)
+
+Control message (type 4), aggregator -> every grant partition (every server reads it), every
+control interval, only from aggregators with adaptive limits or breakers configured::
+
+    aggregator_id str   the sending aggregator
+    epoch      u64      random per aggregator start
+    seq        u64      per aggregator, +1 per control message
+    issued_at  f64      the aggregator's clock (seconds)
+    ttl        f32      seconds the state holds after it is received (then: factor 1, closed)
+    scopes     u16      each: name str, factor f32 (0 < factor <= 1: the effective limit is
+                        factor x the configured one)
+    breakers   u16      each: name str, state u8 (:data:`BREAKER_STATES`: 0 closed, 1 open,
+                        2 half-open), probe f32 (share of calls let through while half-open),
+                        retry_after f32 (seconds until an open breaker half-opens)
+
 Usage counts, in tokens since the previous batch: ``admitted`` from the server's lease,
 ``extra`` admitted outside a lease (cold start, degraded share), ``rejected`` (refused or waiting;
 a client's demand is admitted + extra + rejected), ``released`` (left unspent in a lease that
@@ -48,6 +73,18 @@ MAGIC = b"DRL"
 VERSION = 1
 USAGE_TYPE = 1
 GRANT_TYPE = 2
+HEALTH_TYPE = 3
+CONTROL_TYPE = 4
+
+#: Upper edges of the latency histogram's buckets, seconds: ten per decade from 100 µs to
+#: 100 s; bucket ``i`` counts calls with ``LATENCY_EDGES[i-1] <= latency < LATENCY_EDGES[i]``
+#: (bucket 0 from 0, the last one up to infinity).
+LATENCY_EDGES: tuple[float, ...] = tuple(1e-4 * 10 ** (i / 10) for i in range(61))
+LATENCY_BUCKETS = len(LATENCY_EDGES) + 1
+#: Breaker states in the control message, by code.
+BREAKER_STATES = ("closed", "open", "half_open")
+#: Most backends one health report, and scopes or breakers one control message, may carry.
+MAX_NAMES = 0xFFFF
 
 USAGE_RECORD = np.dtype(
     [
@@ -72,6 +109,12 @@ _PREFIX = struct.Struct("<3sBB")
 _USAGE_HEAD = struct.Struct("<QQddQI")
 _GRANT_HEAD = struct.Struct("<QQdfH")
 _COUNT = struct.Struct("<I")
+_HEALTH_HEAD = struct.Struct("<QQdd")
+_NAMES = struct.Struct("<H")
+_BACKEND = struct.Struct(f"<IIf{LATENCY_BUCKETS}I")
+_CONTROL_HEAD = struct.Struct("<QQdf")
+_FACTOR = struct.Struct("<f")
+_BREAKER = struct.Struct("<Bff")
 
 
 class WireError(ValueError):
@@ -104,6 +147,48 @@ class GrantBatch:
     servers: int
     server_id: str
     records: np.ndarray  # GRANT_RECORD
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    """One backend as one server saw it over a health interval."""
+
+    name: str
+    requests: int
+    errors: int
+    saturation: float  # 0..1, NaN: not reported
+    latency: tuple[int, ...]  # calls per bucket of LATENCY_EDGES (LATENCY_BUCKETS counts)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    server_id: str
+    incarnation: int
+    seq: int
+    start: float
+    end: float
+    backends: tuple[BackendHealth, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerInfo:
+    """A backend's breaker as the aggregators decided it."""
+
+    name: str
+    state: int  # index into BREAKER_STATES
+    probe: float  # share of calls let through while half-open
+    retry_after: float  # seconds until an open breaker half-opens
+
+
+@dataclass(frozen=True, slots=True)
+class ControlMessage:
+    aggregator_id: str
+    epoch: int
+    seq: int
+    issued_at: float
+    ttl: float
+    factors: tuple[tuple[str, float], ...]  # (scope, factor)
+    breakers: tuple[BreakerInfo, ...]
 
 
 def _pack_str(name: str, value: str) -> bytes:
@@ -183,6 +268,48 @@ def encode_grants(batch: GrantBatch) -> bytes:
             rec.tobytes(),
         )
     )
+
+
+def _names(what: str, n: int) -> bytes:
+    if n > MAX_NAMES:
+        raise ValueError(f"{n} {what}; the most is {MAX_NAMES}")
+    return _NAMES.pack(n)
+
+
+def encode_health(report: HealthReport) -> bytes:
+    parts = [
+        _PREFIX.pack(MAGIC, VERSION, HEALTH_TYPE),
+        _pack_str("server_id", report.server_id),
+        _HEALTH_HEAD.pack(report.incarnation, report.seq, report.start, report.end),
+        _names("backends", len(report.backends)),
+    ]
+    for b in report.backends:
+        if len(b.latency) != LATENCY_BUCKETS:
+            raise ValueError(f"latency needs {LATENCY_BUCKETS} bucket counts, got {len(b.latency)}")
+        parts.append(_pack_str("backend name", b.name))
+        parts.append(_BACKEND.pack(b.requests, b.errors, b.saturation, *b.latency))
+    return b"".join(parts)
+
+
+def encode_control(message: ControlMessage) -> bytes:
+    parts = [
+        _PREFIX.pack(MAGIC, VERSION, CONTROL_TYPE),
+        _pack_str("aggregator_id", message.aggregator_id),
+        _CONTROL_HEAD.pack(message.epoch, message.seq, message.issued_at, message.ttl),
+        _names("scopes", len(message.factors)),
+    ]
+    for scope, factor in message.factors:
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"factor of scope {scope!r} must be in (0, 1], got {factor!r}")
+        parts.append(_pack_str("scope", scope))
+        parts.append(_FACTOR.pack(factor))
+    parts.append(_names("breakers", len(message.breakers)))
+    for b in message.breakers:
+        if not 0 <= b.state < len(BREAKER_STATES):
+            raise ValueError(f"breaker state {b.state} is not one of 0..{len(BREAKER_STATES) - 1}")
+        parts.append(_pack_str("backend name", b.name))
+        parts.append(_BREAKER.pack(b.state, b.probe, b.retry_after))
+    return b"".join(parts)
 
 
 class _Reader:
@@ -281,6 +408,76 @@ def decode_grants(data: bytes) -> GrantBatch:
     server_id = r.string("server_id")
     records = r.records(GRANT_RECORD, "grant")
     return GrantBatch(aggregator_id, epoch, seq, issued_at, ttl, servers, server_id, records)
+
+
+def _end(r: _Reader, what: str) -> None:
+    if r.pos != len(r.data):
+        raise WireError("bad_length", f"{len(r.data) - r.pos} bytes after the {what}")
+
+
+def decode_health(data: bytes) -> HealthReport:
+    if message_type(data) != HEALTH_TYPE:
+        raise WireError("bad_type", "not a health report")
+    r = _Reader(bytes(data))
+    r.pos = _PREFIX.size
+    server_id = r.string("server_id")
+    incarnation, seq, start, end = cast(
+        tuple[int, int, float, float], r.unpack(_HEALTH_HEAD, "health header")
+    )
+    _finite("interval", start, end)
+    if end < start:
+        raise WireError("bad_field", f"interval ends ({end}) before it starts ({start})")
+    (n,) = cast(tuple[int], r.unpack(_NAMES, "backend count"))
+    backends = []
+    for _ in range(n):
+        name = r.string("backend name")
+        fields = cast(tuple[int | float, ...], r.unpack(_BACKEND, "backend"))
+        requests, errors, saturation = int(fields[0]), int(fields[1]), float(fields[2])
+        latency = tuple(int(v) for v in fields[3:])
+        if errors > requests:
+            raise WireError("bad_field", f"backend {name!r}: {errors} errors of {requests} calls")
+        if not (math.isnan(saturation) or 0.0 <= saturation <= 1.0):
+            raise WireError("bad_field", f"backend {name!r}: saturation {saturation} not in 0..1")
+        backends.append(BackendHealth(name, requests, errors, saturation, latency))
+    _end(r, "health report")
+    return HealthReport(server_id, incarnation, seq, start, end, tuple(backends))
+
+
+def decode_control(data: bytes) -> ControlMessage:
+    if message_type(data) != CONTROL_TYPE:
+        raise WireError("bad_type", "not a control message")
+    r = _Reader(bytes(data))
+    r.pos = _PREFIX.size
+    aggregator_id = r.string("aggregator_id")
+    epoch, seq, issued_at, ttl = cast(
+        tuple[int, int, float, float], r.unpack(_CONTROL_HEAD, "control header")
+    )
+    _finite("control times", issued_at, ttl)
+    if ttl <= 0:
+        raise WireError("bad_field", f"ttl {ttl} is not positive")
+    (n,) = cast(tuple[int], r.unpack(_NAMES, "scope count"))
+    factors = []
+    for _ in range(n):
+        scope = r.string("scope")
+        (factor,) = cast(tuple[float], r.unpack(_FACTOR, "factor"))
+        if not 0.0 < factor <= 1.0:
+            raise WireError("bad_field", f"factor {factor} of scope {scope!r} not in (0, 1]")
+        factors.append((scope, factor))
+    (n,) = cast(tuple[int], r.unpack(_NAMES, "breaker count"))
+    breakers = []
+    for _ in range(n):
+        name = r.string("backend name")
+        state, probe, retry_after = cast(tuple[int, float, float], r.unpack(_BREAKER, "breaker"))
+        if state >= len(BREAKER_STATES):
+            raise WireError("bad_field", f"breaker {name!r}: unknown state {state}")
+        _finite(f"breaker {name!r}", probe, retry_after)
+        if not 0.0 <= probe <= 1.0 or retry_after < 0:
+            raise WireError("bad_field", f"breaker {name!r}: probe {probe}, retry {retry_after}")
+        breakers.append(BreakerInfo(name, state, probe, retry_after))
+    _end(r, "control message")
+    return ControlMessage(
+        aggregator_id, epoch, seq, issued_at, ttl, tuple(factors), tuple(breakers)
+    )
 
 
 def usage_partitions(keys: np.ndarray, partitions: int) -> np.ndarray:

@@ -257,6 +257,7 @@ def test_exhausting_the_limit_gives_429_with_retry_after_and_matching_fields(sit
         "shadow_limited": 0,
         "invalid": 0,
         "errors": 0,
+        "broken": 0,
     }
 
 
@@ -633,3 +634,58 @@ def test_decorator_on_an_async_starlette_endpoint() -> None:
 def test_bad_configuration_fails_at_construction(make: Callable[[], object], error: type) -> None:
     with pytest.raises(error):
         make()
+
+
+# -- a circuit breaker in front of the backend ------------------------------------------------
+
+
+class Gate:
+    """A breaker stub: refuses while ``open``; ``retry_after`` seconds until it half-opens."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.retry = 2.4
+
+    def allow(self) -> bool:
+        return not self.open
+
+    def retry_after(self) -> float:
+        return self.retry
+
+
+def test_an_open_breaker_answers_503_before_the_limiter_spends_a_token(site: Site) -> None:
+    limiter = RateLimiter(3, 2, clock=Clock())
+    gate = Gate()
+    mw = site.mount(limiter, key=API_KEY, breaker=gate)
+    assert site.get("/api", "alice").status_code == 200
+    gate.open = True
+    r = site.get("/api", "alice")
+    assert r.status_code == 503 and r.headers["retry-after"] == "3"
+    assert body(r) == {"error": "backend_unavailable", "reason": "breaker_open", "retry_after": 3}
+    assert limiter.peek("alice").remaining == 2  # no token spent on the refusal
+    gate.open = False
+    assert site.get("/api", "alice").status_code == 200
+    assert mw.stats()["broken"] == 1 and mw.stats()["allowed"] == 2
+
+
+def test_shadow_mode_counts_the_breaker_and_lets_the_request_through(site: Site) -> None:
+    gate = Gate()
+    gate.open = True
+    mw = site.mount(RateLimiter(3, 2), key=API_KEY, breaker=gate, shadow=True)
+    assert site.get("/api", "alice").status_code == 200
+    assert mw.stats()["broken"] == 1
+
+
+def test_the_decorator_takes_a_breaker() -> None:
+    gate = Gate()
+    gate.open = True
+
+    @rate_limited(RateLimiter(3, 2), key=lambda: "alice", breaker=gate)
+    def handler() -> str:
+        return "ok"
+
+    with pytest.raises(RateLimitRefused) as e:
+        handler()
+    assert e.value.status == 503
+    gate.open = False
+    assert handler() == "ok"

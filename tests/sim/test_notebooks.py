@@ -23,6 +23,7 @@ MINE = (
     "02-algorithms-compared.ipynb",
     "03-cold-start-and-degraded.ipynb",
     "05-published-anchors.ipynb",
+    "06-adaptive-limits.ipynb",
 )
 #: Each notebook takes < 20 s in CI mode on a developer machine; this leaves room for slow CI.
 BUDGET = 60.0
