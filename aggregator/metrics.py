@@ -170,6 +170,11 @@ class AggregatorCollector(Collector):
                 "Checkpoint reads or writes that failed, and checkpoints that did not decode.",
                 store.errors,
             )
+        yield _counter(
+            "drl_aggregator_consumer_errors",
+            "Usage-topic polls and offset commits that raised (the loop retried).",
+            s.poll_errors,
+        )
         yield _counter("drl_aggregator_ticks", "Allocation ticks run.", s.ticks)
         yield _gauge(
             "drl_aggregator_last_tick_duration_seconds",

@@ -71,6 +71,8 @@ DEFAULT_SERVER_TIMEOUT = 3.0
 #: A (client, server) pair keeps getting grants (a small lease) for up to a window after its last
 #: demand, at most this many ticks.
 MAX_KEEPALIVE_TICKS = 600
+#: Seconds the loop waits after a consumer poll raised, before the next try.
+POLL_RETRY = 0.1
 #: Consumer group of the aggregators.
 DEFAULT_GROUP = "drl-aggregators"
 #: A rebuild rewinds the usage topic by the window plus this many seconds (at least one lease
@@ -176,6 +178,8 @@ class AggregatorStats:
     produce_errors: int = 0
     errors: int = 0
     malformed_reasons: dict[str, int] = field(default_factory=dict)
+    #: consumer polls and commits that raised (the loop goes on)
+    poll_errors: int = 0
     #: usage records replayed into rebuilt partitions' windows, and partitions rebuilt
     replayed_records: int = 0
     rebuilds: int = 0
@@ -564,7 +568,14 @@ class Aggregator:
     def step(self) -> None:
         """Poll usage until the next tick is due, then tick (once)."""
         timeout = max(0.0, self._next_tick - self._clock())
-        for record in self._receiver.poll(timeout):
+        try:
+            records = self._receiver.poll(timeout)
+        except Exception as e:  # a consumer error (joining, a broker away): tick on, retry
+            self.stats.poll_errors += 1
+            log.warning("polling the usage topic failed: %s: %s", type(e).__name__, e)
+            records = []
+            time.sleep(min(timeout, POLL_RETRY))
+        for record in records:
             try:
                 self.handle(record)
             except Exception as e:  # never let one record stop the aggregator
@@ -577,7 +588,11 @@ class Aggregator:
             self.tick()
             self._sender.service()
             if self.stats.ticks % 10 == 0:
-                self._receiver.commit()
+                try:
+                    self._receiver.commit()
+                except Exception as e:  # the next commit covers it
+                    self.stats.poll_errors += 1
+                    log.warning("committing usage offsets failed: %s: %s", type(e).__name__, e)
         self.stats.produce_errors = max(self.stats.produce_errors, self._sender.errors)
 
     def run(self, stop: threading.Event) -> None:

@@ -302,3 +302,53 @@ def test_unowned_partition_and_unknown_server_index() -> None:
     assert not h.report("s1", K, rejected=1)  # K lives on partition 0
     assert h.agg.stats.batches == 0
     assert h.report("s1", 1, rejected=1)  # key 1: partition 1, still owned
+
+
+class _FlakyReceiver:
+    """A receiver whose first ``fail`` polls raise, as a consumer may while it joins its group
+    or while the broker is away; it commits nothing and fails the first commit too."""
+
+    def __init__(self, inner: object, fail: int) -> None:
+        self.inner = inner
+        self.fail = fail
+        self.commit_fails = 1
+
+    def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+        if self.fail > 0:
+            self.fail -= 1
+            raise RuntimeError("coordinator not available")
+        return self.inner.poll(timeout, max_records)  # type: ignore[attr-defined, no-any-return]
+
+    def commit(self) -> None:
+        if self.commit_fails:
+            self.commit_fails -= 1
+            raise RuntimeError("commit failed")
+
+    def assignment(self) -> list[int]:
+        return self.inner.assignment()  # type: ignore[attr-defined, no-any-return]
+
+    def close(self) -> None:
+        pass
+
+
+class _FlakyBus(InProcessBus):
+    def receiver(self, topic: str, **kw: object) -> _FlakyReceiver:  # type: ignore[override]
+        return _FlakyReceiver(super().receiver(topic, **kw), fail=3)  # type: ignore[arg-type]
+
+
+def test_consumer_errors_never_stop_the_loop() -> None:
+    bus = _FlakyBus()
+    clock = Clock()
+    agg = Aggregator(
+        AggregatorConfig(Policy(10, 1.0), aggregator_id="agg", rebuild=False), bus, clock=clock
+    )
+    rec = wire.usage_records(
+        np.array([K], dtype=np.uint64), np.zeros(1), np.zeros(1), np.ones(1), np.zeros(1)
+    )
+    batch = wire.UsageBatch("s1", 1, 1, 0.0, clock.t, 0, 0, rec)
+    bus.append(USAGE_TOPIC, 0, wire.encode_usage(batch))
+    for _ in range(12):  # three polls raise, the first commit (tick 10) raises: no exception
+        clock.t += 0.1
+        agg.step()
+    assert agg.stats.poll_errors == 4
+    assert agg.stats.batches == 1 and agg.stats.ticks >= 10

@@ -78,7 +78,10 @@ def loop(request: pytest.FixtureRequest) -> Iterator[Callable[[int], Loop]]:
         # seconds per partition on a busy broker
         while not agg.partitions and time.monotonic() < started + JOIN_TIMEOUT:
             time.sleep(0.05)
-        assert agg.partitions, f"aggregator got no partitions in {JOIN_TIMEOUT} s"
+        assert agg.partitions, (
+            f"aggregator got no partitions in {JOIN_TIMEOUT} s (consumer errors "
+            f"{agg.stats.poll_errors}, loop alive {thread.is_alive()})"
+        )
         joined.append(time.monotonic() - started)
         limiters = [
             RateLimiter(
