@@ -1331,9 +1331,9 @@ def reading(res: Results, cfg: Config) -> list[str]:
     out.append(text)
     per_round = ROUND / t.bucket_s
     out.append(
-        f"- **Ring maintenance.** `ChargeRing.advance` zeroes one strided column of the "
-        f"[rows × {t.ring_columns}] float64 array per bucket passed ({per_round:.2f} per "
-        f"round): {fmt_ms(t.per_round_advance())} ms per 100 ms round at {t.clients:,} clients "
+        f"- **Ring maintenance.** `ChargeRing.advance` subtracts one bucket (a contiguous row "
+        f"of the [{t.ring_columns} × clients] float64 array) from the running totals and "
+        f"zeroes it, per bucket passed ({per_round:.2f} per round): {fmt_ms(t.per_round_advance())} ms per 100 ms round at {t.clients:,} clients "
         f"right after a tick (caches and TLB cold), "
         f"{fmt_ms(statistics.median(t.advance_warm_s) * per_round)} ms back to back, whatever "
         f"the load. The ring is {t.ring_bytes / t.clients:,.0f} B per client "
