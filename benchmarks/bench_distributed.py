@@ -1176,9 +1176,9 @@ def report(
         labels = {
             "advance": "ring advance (in the tick)",
             "demand": "this tick's demand: concatenate, unique, bincount",
-            "history": f"demand history of {t.memory} ticks: concatenate, unique, bincount",
+            "history": f"demand history of {t.memory} ticks: running per-pair sums in and out",
             "keepalive": f"pairs kept alive ({t.keepalive} ticks): scan of every pair",
-            "clients": "clients of the pairs: unique",
+            "clients": "clients of the pairs: grouped (a mark per client and a running count)",
             "used": "`ChargeRing.used` (window use of each client)",
             "budget": "budget and need",
             "water_fill": "`water_fill`",
@@ -1333,7 +1333,8 @@ def reading(res: Results, cfg: Config) -> list[str]:
     out.append(
         f"- **Ring maintenance.** `ChargeRing.advance` subtracts one bucket (a contiguous row "
         f"of the [{t.ring_columns} × clients] float64 array) from the running totals and "
-        f"zeroes it, per bucket passed ({per_round:.2f} per round): {fmt_ms(t.per_round_advance())} ms per 100 ms round at {t.clients:,} clients "
+        f"zeroes it, per bucket passed ({per_round:.2f} per round): "
+        f"{fmt_ms(t.per_round_advance())} ms per 100 ms round at {t.clients:,} clients "
         f"right after a tick (caches and TLB cold), "
         f"{fmt_ms(statistics.median(t.advance_warm_s) * per_round)} ms back to back, whatever "
         f"the load. The ring is {t.ring_bytes / t.clients:,.0f} B per client "
