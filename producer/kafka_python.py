@@ -30,9 +30,11 @@ kafka-python:
 
 ``config`` holds kafka-python keyword settings (``security_protocol``, ``sasl_*``, ``ssl_*``,
 ``client_id``, ``request_timeout_ms``...), overriding the defaults below; each key goes to the
-clients that know it (producer, consumer, admin). Three keys belong to this transport:
-``max_queued_messages``, ``connect_wait_ms`` and ``position_timeout_ms`` (how long a receiver
-waits to resolve start offsets, default 10 s). Unknown keys raise :class:`ValueError`.
+clients that know it (producer, consumer, admin). Four keys belong to this transport:
+``max_queued_messages``, ``connect_wait_ms``, ``position_timeout_ms`` (how long a receiver
+waits to resolve a new partition's start offset, default 3 s) and ``metadata_wait_ms`` (how long
+a group member waits for its topic's metadata before it joins, default 15 s: a group leader
+without it assigns nothing). Unknown keys raise :class:`ValueError`.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ TRANSPORT_DEFAULTS: dict[str, int] = {
     "max_queued_messages": 1000,
     "connect_wait_ms": 2000,
     "position_timeout_ms": 3000,  # per new partition, before on_assign (see _dispatch)
+    "metadata_wait_ms": 15000,  # a group member's topic metadata, before it joins
 }
 
 _PRODUCER_KEYS = frozenset(KafkaProducer.DEFAULT_CONFIG)
@@ -98,6 +101,17 @@ _CONSUMER_KEYS = frozenset(KafkaConsumer.DEFAULT_CONFIG)
 _ADMIN_KEYS = frozenset(KafkaAdminClient.DEFAULT_CONFIG)
 _KNOWN_KEYS = _PRODUCER_KEYS | _CONSUMER_KEYS | _ADMIN_KEYS | frozenset(TRANSPORT_DEFAULTS)
 _CLOSE_TIMEOUT_MS = 5000
+
+
+def _await_topic(consumer: Any, topic: str, wait: float) -> None:
+    """Until ``consumer``'s own metadata knows ``topic``'s partitions (at most ``wait`` s).
+
+    A group leader assigns from its own metadata: joining before it knows a new topic, it logs
+    "No partition metadata for topic", hands out nothing, and kafka-python may not rejoin for a
+    long time (seen: over 90 s). Past ``wait`` it joins anyway (the topic may come later)."""
+    deadline = time.monotonic() + wait
+    while not consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _only(keys: frozenset[str], conf: Mapping[str, Any]) -> dict[str, Any]:
@@ -169,6 +183,7 @@ class KafkaPythonTransport:
             rewind=rewind,
         )
         try:
+            _await_topic(consumer, topic, self.options["metadata_wait_ms"] / 1000.0)
             consumer.subscribe([topic], listener=_Listener(receiver))
         except BaseException:
             receiver.close()
