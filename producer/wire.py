@@ -377,11 +377,17 @@ def _finite(what: str, *values: float) -> None:
         raise WireError("bad_field", f"{what} is not finite")
 
 
-def decode_usage(data: bytes) -> UsageBatch:
-    if message_type(data) != USAGE_TYPE:
-        raise WireError("bad_type", "not a usage batch")
+def _open(data: bytes, kind: int, what: str) -> _Reader:
+    """A reader past the prefix of a message of type ``kind`` (``what`` names it in errors)."""
+    if message_type(data) != kind:
+        raise WireError("bad_type", f"not {what}")
     r = _Reader(bytes(data))
     r.pos = _PREFIX.size
+    return r
+
+
+def decode_usage(data: bytes) -> UsageBatch:
+    r = _open(data, USAGE_TYPE, "a usage batch")
     server_id = r.string("server_id")
     incarnation, seq, start, end, grant_seq, leases = cast(
         tuple[int, int, float, float, int, int], r.unpack(_USAGE_HEAD, "usage header")
@@ -394,10 +400,7 @@ def decode_usage(data: bytes) -> UsageBatch:
 
 
 def decode_grants(data: bytes) -> GrantBatch:
-    if message_type(data) != GRANT_TYPE:
-        raise WireError("bad_type", "not a grant batch")
-    r = _Reader(bytes(data))
-    r.pos = _PREFIX.size
+    r = _open(data, GRANT_TYPE, "a grant batch")
     aggregator_id = r.string("aggregator_id")
     epoch, seq, issued_at, ttl, servers = cast(
         tuple[int, int, float, float, int], r.unpack(_GRANT_HEAD, "grant header")
@@ -416,10 +419,7 @@ def _end(r: _Reader, what: str) -> None:
 
 
 def decode_health(data: bytes) -> HealthReport:
-    if message_type(data) != HEALTH_TYPE:
-        raise WireError("bad_type", "not a health report")
-    r = _Reader(bytes(data))
-    r.pos = _PREFIX.size
+    r = _open(data, HEALTH_TYPE, "a health report")
     server_id = r.string("server_id")
     incarnation, seq, start, end = cast(
         tuple[int, int, float, float], r.unpack(_HEALTH_HEAD, "health header")
@@ -444,10 +444,7 @@ def decode_health(data: bytes) -> HealthReport:
 
 
 def decode_control(data: bytes) -> ControlMessage:
-    if message_type(data) != CONTROL_TYPE:
-        raise WireError("bad_type", "not a control message")
-    r = _Reader(bytes(data))
-    r.pos = _PREFIX.size
+    r = _open(data, CONTROL_TYPE, "a control message")
     aggregator_id = r.string("aggregator_id")
     epoch, seq, issued_at, ttl = cast(
         tuple[int, int, float, float], r.unpack(_CONTROL_HEAD, "control header")
