@@ -1,5 +1,5 @@
 """A ``redis-server`` of one test alone (start with AOF or a password, pause, kill, start again
-on the same files), for the tests that stop, pause or restart Redis."""
+on the same files), for the tests that stop, pause or restart Redis; and a free loopback port."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tests.private_redis import PrivateRedis, free_port
+from tests.private_redis import PrivateRedis
 
-__all__ = ["PrivateRedis", "free_port", "wait_until"]
+__all__ = ["PrivateRedis", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.005) -> float:

@@ -5,7 +5,6 @@ real-process cluster of tests/cluster/harness.py."""
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,13 +12,7 @@ import pytest
 
 import drl_services
 from tests.cluster.harness import Cluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.private_redis import free_port
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ from limiter.keys import client_key
 from producer import Agent, InProcessBus, make_transport
 from producer.metrics import AgentCollector
 from producer.transport import Record
+from tests.private_redis import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DRL = str(Path(sys.executable).with_name("drl"))
@@ -439,13 +440,6 @@ def test_topics_create_is_idempotent_and_describe_prints_them(
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 def _wait(
     what: str, ok: Callable[[], bool], timeout: float, proc: subprocess.Popen[bytes], log: Path
 ) -> None:
@@ -488,7 +482,7 @@ def test_aggregator_service_health_metrics_and_sigterm(
     )
     assert created.returncode == 0, created.stderr
     group = f"ops-{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port = free_port()
     # all three layers: the policy and tick from the file, the group from the environment,
     # the rest from flags (a flag beats the file's http-port)
     config = tmp_path / "aggregator.toml"
