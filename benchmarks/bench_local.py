@@ -513,7 +513,7 @@ class _Steps:
         k = kv[i]
         while k != h:
             if not k:
-                return shard.slot(h, now) >= 0
+                return shard.insert(h, now) >= 0
             i = (i + 1) & mask
             k = kv[i]
         return True
@@ -536,7 +536,7 @@ class _Steps:
             k = kv[i]
             while k != h:
                 if not k:
-                    return shard.slot(h, now) >= 0
+                    return shard.insert(h, now) >= 0
                 i = (i + 1) & mask
                 k = kv[i]
             return True
@@ -544,7 +544,7 @@ class _Steps:
             lock.release()
 
     def displaced(self, ids: Sequence[str]) -> float:
-        """Share of ``ids`` not in their home slot (their look-up calls ``Shard.slot``)."""
+        """Share of ``ids`` not in their home slot (their look-up calls ``Shard.insert``)."""
         away = 0
         for cid in ids:
             h = hash(cid) or 1

@@ -39,14 +39,18 @@ TIME_EPSILON = 1e-6
 if TYPE_CHECKING:
     #: A flat float64 cell array as the request path sees it (a memoryview of a numpy array).
     Cells = memoryview[float]
+    #: The same for a uint32 group (``dtype = "I"``): cells read as ints.
+    IntCells = memoryview[int]
 else:
-    Cells = memoryview
+    Cells = IntCells = memoryview
 
 
 class Algorithm:
     """Base: the methods every algorithm implements on cells ``s[b : b + width]``."""
 
     name: ClassVar[str]
+    #: Cell type: ``"d"`` float64 or ``"I"`` uint32 (see :mod:`limiter.table`).
+    dtype: ClassVar[str] = "d"
     __slots__ = ("burst", "capacity", "limit", "policy", "width", "window")
 
     def __init__(self, policy: Policy) -> None:
@@ -321,6 +325,21 @@ class SlidingWindow(Algorithm):
         return 0.0
 
 
+#: Sliding log clock: ticks per second at most 2**22 (0.24 us: the spacing of float64 Unix
+#: times from 2004 to 2038, so every such time is a whole tick), fewer for windows over 32 s
+#: (a window spans at most LOG_PAST / 2 ticks).
+LOG_TICKS_LOG2 = 22
+#: A row's origin lies this many ticks before the first time it stores (room for late requests).
+LOG_PAST = 1 << 28
+#: Largest tick a row stores (cells hold tick + 1; 0 = empty). Cell values stay below 2**30:
+#: one-digit Python ints, the cheapest to read and compare.
+LOG_MAX_TICK = (1 << 30) - 2
+#: Row origins count whole units of LOG_BASE_UNIT seconds from -LOG_BASE_OFFSET seconds (the
+#: year 1697; the last origin is in 2242). Floats: exact, and cheaper than large ints.
+LOG_BASE_UNIT = 16.0
+LOG_BASE_OFFSET = 2.0**33
+
+
 class SlidingLog(Algorithm):
     """Exact sliding window log: a ring of the last ``limit`` admission times and its ``head``.
 
@@ -328,61 +347,127 @@ class SlidingLog(Algorithm):
     admissions, in admission order) all lie at or before ``now - window``. With any admission
     order, two admissions ``limit`` apart in that order are at least ``window`` apart in time, so
     no interval ``(t - W, t]`` ever holds more than ``limit`` (pigeonhole on the ring index).
+
+    Cells are uint32 (4 bytes each): ``[base, head, ring...]``. ``base`` (0: nothing stored yet)
+    names the row's time origin in units of 16 s; a ring cell holds ``tick + 1`` (0: empty),
+    ``tick`` counting ``scale`` per second from the origin. A stored time is rounded *up* to a
+    tick and ``now`` *down*, so the check never admits what the exact log would refuse; on the
+    tick grid (every float64 Unix time until 2038 when ``scale`` is 2**22) it is exact. A row
+    whose next time does not fit (about 4 minutes at 2**22 per second) moves its origin
+    forward; a cell then older than the origin is raised to it (later, so stricter), which only
+    matters to a request more than ``LOG_PAST`` ticks (64 s at 2**22 per second) late.
     """
 
     name = "sliding_log"
-    __slots__ = ()
+    dtype = "I"
+    __slots__ = ("scale", "span", "ticks", "wait")
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__(policy)
+        k = min(LOG_TICKS_LOG2, math.floor(math.log2((LOG_PAST >> 1) / self.window)))
+        if k < -4:  # 16 s of origin must be a whole number of ticks
+            raise ValueError(f"sliding_log window too long: {self.window} s")
+        self.scale = 2.0**k  # ticks per second
+        self.ticks = math.ceil(self.window * self.scale)  # the window in ticks, rounded up
+        #: admitted iff ``cell == 0 or cell + wait <= x`` (``cell - 1 + ticks <= floor(x)``)
+        self.wait = self.ticks - 1
+        self.span = LOG_PAST / self.scale  # seconds from a new origin to the time it is set for
 
     def fresh(self) -> tuple[float, ...]:
-        return (-INF,) * self.limit + (0.0,)
+        return (0.0,) * (self.limit + 2)
 
-    def consume(self, s: Cells, b: int, now: float, cost: int) -> bool:
+    def _origin(self, base: int) -> float:
+        return base * LOG_BASE_UNIT - LOG_BASE_OFFSET
+
+    def _base_for(self, now: float) -> int:
+        return max(1, math.floor((now - self.span + LOG_BASE_OFFSET) / LOG_BASE_UNIT))
+
+    def _store_tick(self, cells: Cells, b: int, now: float) -> int:
+        """The cell value for an admission at ``now``: its tick, rounded up, plus one (the
+        row's origin set or moved forward first when needed)."""
+        s: IntCells = cells  # type: ignore[assignment]
+        base = s[b]
+        if not base:
+            base = s[b] = self._base_for(now)
+        x = (now - (base * LOG_BASE_UNIT - LOG_BASE_OFFSET)) * self.scale
+        if x > LOG_MAX_TICK:
+            new = self._base_for(now)
+            delta = (new - base) * int(LOG_BASE_UNIT * self.scale)  # whole ticks
+            ring = np.asarray(s)[b + 2 : b + 2 + self.limit]
+            live = ring > 0
+            ring[live] = np.maximum(ring[live].astype(np.int64) - delta, 1)
+            s[b] = new
+            x = (now - (new * LOG_BASE_UNIT - LOG_BASE_OFFSET)) * self.scale
+        if x <= 0.0:  # before the origin: stored at the origin (later, so stricter)
+            return 1
+        c = int(x)
+        return c + 2 if c < x else c + 1
+
+    def consume(self, cells: Cells, b: int, now: float, cost: int) -> bool:
+        s: IntCells = cells  # type: ignore[assignment]
         n = self.limit
         if cost > n:
             return False
-        head = int(s[b + n])
-        horizon = now - self.window
+        base = s[b]
+        head = s[b + 1]
+        if base:
+            x = (now - (base * LOG_BASE_UNIT - LOG_BASE_OFFSET)) * self.scale
+            wait = self.wait
+            if cost == 1:
+                v = s[b + 2 + head]
+                if v and v + wait > x:
+                    return False
+            else:
+                for k in range(cost):
+                    v = s[b + 2 + (head + k) % n]
+                    if v and v + wait > x:
+                        return False
+        v = self._store_tick(cells, b, now)
         if cost == 1:
-            if s[b + head] > horizon:
-                return False
-            s[b + head] = now
-            s[b + n] = float(head + 1 if head + 1 < n else 0)
+            s[b + 2 + head] = v
+            s[b + 1] = head + 1 if head + 1 < n else 0
             return True
         for k in range(cost):
-            if s[b + (head + k) % n] > horizon:
-                return False
-        for k in range(cost):
-            s[b + (head + k) % n] = now
-        s[b + n] = float((head + cost) % n)
+            s[b + 2 + (head + k) % n] = v
+        s[b + 1] = (head + cost) % n
         return True
 
-    def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
-        n = self.limit
-        if cost > n:
-            return False
-        head = int(s[b + n])
-        horizon = now - self.window
-        return all(s[b + (head + k) % n] <= horizon for k in range(cost))
-
     def _ring(self, s: Cells, b: int) -> np.ndarray:
-        """The ring in admission order, oldest first (a copy)."""
-        n = self.limit
-        cells = np.asarray(s)[b : b + n]
-        return np.roll(cells, -int(s[b + n]))
+        """The ring's cells in admission order, oldest first (int64 copy; 0 = empty)."""
+        cells = np.asarray(s)[b + 2 : b + 2 + self.limit].astype(np.int64)
+        return np.roll(cells, -int(s[b + 1]))
+
+    def _passing(self, s: Cells, b: int, now: float) -> np.ndarray:
+        """Per ring cell (admission order): whether it no longer blocks a request at ``now``."""
+        ring = self._ring(s, b)
+        base = int(s[b])
+        if not base:
+            return np.ones(ring.size, dtype=bool)
+        x = (now - self._origin(base)) * self.scale
+        passing: np.ndarray = (ring == 0) | (ring + self.wait <= x)
+        return passing
+
+    def allows(self, s: Cells, b: int, now: float, cost: int) -> bool:
+        return cost <= self.limit and bool(self._passing(s, b, now)[:cost].all())
 
     def remaining(self, s: Cells, b: int, now: float) -> int:
-        live = self._ring(s, b) > now - self.window
-        return int(np.argmax(live)) if live.any() else self.limit
+        passing = self._passing(s, b, now)
+        return self.limit if passing.all() else int(np.argmin(passing))
+
+    def _free_at(self, s: Cells, b: int, cells: np.ndarray) -> float:
+        """The time from which none of ``cells`` blocks any more (-inf if none is stored)."""
+        stored = cells[cells > 0]
+        if stored.size == 0:
+            return -INF
+        return self._origin(int(s[b])) + float(stored.max() + self.wait) / self.scale
 
     def retry_after(self, s: Cells, b: int, now: float, cost: int) -> float:
         if cost > self.limit:
             return INF
-        blocking = self._ring(s, b)[:cost]
-        return max(0.0, float(blocking.max()) + self.window - now)
+        return max(0.0, self._free_at(s, b, self._ring(s, b)[:cost]) - now)
 
     def reset_after(self, s: Cells, b: int, now: float) -> float:
-        newest = float(np.asarray(s)[b : b + self.limit].max())
-        return max(0.0, newest + self.window - now)
+        return max(0.0, self._free_at(s, b, self._ring(s, b)) - now)
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {

@@ -12,7 +12,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .algorithms import Algorithm, make_algorithm
+from .algorithms import (
+    GCRA,
+    LOG_BASE_OFFSET,
+    LOG_BASE_UNIT,
+    LOG_MAX_TICK,
+    Algorithm,
+    FixedWindow,
+    SlidingLog,
+    SlidingWindow,
+    TokenBucket,
+    make_algorithm,
+)
 from .clientid import MAX_CLIENT_ID_LENGTH, validate_client_id
 from .decision import Decision, Reason
 from .errors import AcquireTimeout, RateLimitExceeded
@@ -68,6 +79,15 @@ class Usage:
 
 
 _MAX_ID = MAX_CLIENT_ID_LENGTH
+#: The request path's written-out cost-1 steps, by algorithm (``_CALL``: call ``consume()``).
+_CALL, _LOG, _GCRA, _BUCKET, _FIXED, _SLIDING = range(6)
+_STEPS: dict[type[Algorithm], int] = {
+    SlidingLog: _LOG,
+    GCRA: _GCRA,
+    TokenBucket: _BUCKET,
+    FixedWindow: _FIXED,
+    SlidingWindow: _SLIDING,
+}
 
 ALLOW_REQUEST_DOC = """Admit (True) or refuse one request of ``client_id`` at ``request.timestamp``.
 
@@ -210,6 +230,7 @@ class RateLimiter:
             self._idle,
             max_clients=max_clients,
             shards=shards,
+            dtypes=[a.dtype for a in self._algos],
         )
         self._shards = self._table.shards
         self._shard_mask = self._table.shard_mask
@@ -230,12 +251,19 @@ class RateLimiter:
     # -- the seed API --------------------------------------------------------------------------
 
     def _build_allow_request(self) -> Callable[[str, Request], bool]:
-        """The request path as a closure: everything it reads per call is a local constant."""
+        """The request path as a closure: everything it reads per call is a local constant.
+
+        For one local policy the algorithm's cost-1 step is written out in the closure (a call
+        costs about as much as the step): each copy is the common path of that algorithm's
+        ``consume()``, which it falls back to otherwise, and
+        ``tests/limiter/test_request_path.py`` checks the two decide alike.
+        """
         clock = self._clock
         max_age = self._max_age
         max_skew = self._max_skew
         shards = self._shards
         shard_mask = self._shard_mask
+        shift = self._shards[0].shift
         consume = self._consume1
         consume_all = self._consume_all
         width = self._w0
@@ -243,6 +271,23 @@ class RateLimiter:
         set_key = self._set_key
         waits = self._waits
         wait_for_lease = self._wait_for_lease
+        algo = self._algos[0]
+        kind = _STEPS.get(type(algo), _CALL) if consume is not None and not keyed else _CALL
+        # one flag per step: a test of a local flag is the cheapest branch
+        is_log, is_gcra, is_bucket, is_fixed, is_sliding = (
+            kind == k for k in (_LOG, _GCRA, _BUCKET, _FIXED, _SLIDING)
+        )
+        window, limit = algo.window, algo.limit
+        capacity, flimit = float(algo.capacity), float(limit)
+        interval = tolerance = rate = 0.0
+        log_scale = log_wait = 0.0
+        if isinstance(algo, GCRA):
+            interval, tolerance = algo.interval, algo.tolerance
+        elif isinstance(algo, TokenBucket):
+            rate = algo.rate
+        elif isinstance(algo, SlidingLog):
+            log_scale, log_wait = algo.scale, float(algo.wait)
+        log_last = limit - 1
 
         def allow_request(client_id: str, request: Request) -> bool:
             if type(client_id) is not str or not 0 < len(client_id) <= _MAX_ID:
@@ -258,22 +303,74 @@ class RateLimiter:
             try:
                 kv = shard.kv
                 mask = shard.mask
-                i = (h >> shard.shift) & mask
+                i = (h >> shift) & mask
                 k = kv[i]
                 while k != h:  # linear probe; an empty slot means a new client
                     if not k:
-                        i = shard.slot(h, now)
-                        if i < 0:
+                        row = shard.insert(h, now)
+                        if row < 0:
                             return False
                         if keyed:
-                            set_key(shard, i, client_id)
+                            set_key(shard, row, client_id)
                         break
                     i = (i + 1) & mask
                     k = kv[i]
-                if consume is not None:
-                    ok = consume(shard.v0, i * width, now, 1)
                 else:
-                    ok = consume_all(shard, i, now, 1)
+                    row = shard.rv[i]
+                s = shard.v0
+                b = row * width
+                if is_log:
+                    base = s[b]
+                    x = (now - (base * LOG_BASE_UNIT - LOG_BASE_OFFSET)) * log_scale
+                    head = s[b + 1]
+                    v = s[b + 2 + head]  # type: ignore[call-overload]
+                    if v and v > x - log_wait:
+                        ok = False
+                    elif base and 0.0 < x <= LOG_MAX_TICK:
+                        c = int(x)
+                        s[b + 2 + head] = c + 2 if c < x else c + 1  # type: ignore[call-overload]
+                        s[b + 1] = head + 1 if head < log_last else 0
+                        ok = True
+                    else:
+                        ok = consume(s, b, now, 1)  # type: ignore[misc]
+                elif is_gcra:
+                    tat = s[b]
+                    if tat < now:
+                        tat = now
+                    tat += interval
+                    ok = tat - now <= tolerance
+                    if ok:
+                        s[b] = tat
+                elif is_bucket:
+                    last = s[b + 1]
+                    used = s[b]
+                    if now > last:
+                        used -= (now - last) * rate
+                        if used < 0.0:
+                            used = 0.0
+                    ok = used + 1.0 <= capacity
+                    if ok:
+                        s[b] = used + 1.0
+                        if now > last:
+                            s[b + 1] = now
+                elif is_fixed and s[b] > now - window:
+                    count = s[b + 1] + 1.0
+                    ok = count <= flimit
+                    if ok:
+                        s[b + 1] = count
+                elif is_sliding and now - s[b] < window:
+                    start = s[b]
+                    f = (now - start) / window
+                    if f < 0.0:
+                        f = 0.0
+                    cur = s[b + 1]
+                    ok = s[b + 2] * (1.0 - f) + cur + 1.0 <= flimit
+                    if ok:
+                        s[b + 1] = cur + 1.0
+                elif consume is not None:
+                    ok = consume(s, b, now, 1)
+                else:
+                    ok = consume_all(shard, row, now, 1)
             finally:
                 lock.release()
             if ok or not waits:
@@ -289,7 +386,7 @@ class RateLimiter:
         h = hash(client_id) or 1
         shard = self._shards[h & self._shard_mask]
         with shard.lock:
-            i = shard.find(h)
+            i = shard.find_slot(h)
             if i >= 0:
                 shard.delete(i)
 
@@ -373,13 +470,14 @@ class RateLimiter:
                 cells = shard.arrays[0].reshape(-1, lease.width)
                 release_expired(cells, now)
                 usage = cells[:, USAGE]
-                rows = np.flatnonzero(usage.any(axis=1))
-                if rows.size == 0:
+                if not usage.any():
                     continue
+                hashes, rows = shard.occupied()
+                used = usage[rows].any(axis=1)
+                hashes, rows = hashes[used], rows[used]
                 counts = usage[rows]
                 usage[rows] = 0.0
                 keys = cells[rows, KEY].view(np.int64)
-                hashes = shard.keys[rows]
             parts.append((keys, hashes, counts))
         if not parts:
             empty = np.zeros(0)
@@ -438,9 +536,8 @@ class RateLimiter:
         index: dict[int, int] = {}
         for shard in self._shards:
             with shard.lock:
-                rows = np.flatnonzero(shard.keys)
+                hashes, rows = shard.occupied()
                 stable = shard.arrays[0].reshape(-1, WIDTH)[rows, KEY].view(np.int64)
-                hashes = shard.keys[rows]
             known = stable != 0
             index.update(zip(stable[known].tolist(), hashes[known].tolist(), strict=True))
         return index
@@ -469,8 +566,9 @@ class RateLimiter:
         count, tokens = 0, 0.0
         for shard in self._shards:
             with shard.lock:
-                cells = shard.arrays[0].reshape(-1, WIDTH)
-                live = (cells[:, EXPIRY] > now) & (shard.keys != 0)
+                _, rows = shard.occupied()
+                cells = shard.arrays[0].reshape(-1, WIDTH)[rows]
+                live = cells[:, EXPIRY] > now
                 count += int(live.sum())
                 tokens += float(cells[live, TOKENS].sum())
         return count, tokens
@@ -502,7 +600,7 @@ class RateLimiter:
         for shard in self._shards:
             with shard.lock:
                 cells = shard.arrays[0].reshape(-1, WIDTH)
-                rows = np.flatnonzero(shard.keys)
+                _, rows = shard.occupied()
                 keys = cells[rows, KEY].view(np.uint64)
                 cells[rows, LIMIT] = table.lookup(keys)
 
@@ -556,7 +654,7 @@ class RateLimiter:
         return True
 
     def _idle(self, shard: Shard, i: int, now: float) -> bool:
-        """Whether slot ``i`` limits no request this limiter could still accept.
+        """Whether row ``i`` limits no request this limiter could still accept.
 
         Judged at the earliest timestamp still accepted (clock - max_request_age), not at the
         inserting request's own (possibly late or early) timestamp. With the age check off,
@@ -591,7 +689,7 @@ class RateLimiter:
         h = hash(client_id) or 1
         shard = self._shards[h & self._shard_mask]
         with shard.lock:
-            i = shard.slot(h, now) if consume else shard.find(h)
+            i = shard.insert(h, now) if consume else shard.find(h)
             if i < 0 and consume:
                 return self._refusal(Reason.CAPACITY, 1.0)
             if i < 0:
@@ -614,7 +712,7 @@ class RateLimiter:
         return self._wait_for_lease(client_id, cost)
 
     def _describe(self, shard: Shard, i: int, now: float, cost: int, allowed: bool) -> Decision:
-        """The Decision for slot ``i`` after the decision: the most restrictive policy speaks."""
+        """The Decision for row ``i`` after the decision: the most restrictive policy speaks."""
         best: tuple[int, float, int] | None = None
         retry = 0.0
         for a, s in zip(self._algos, shard.views, strict=True):

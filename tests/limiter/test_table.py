@@ -59,14 +59,20 @@ def check_invariants(shard: Shard, model: dict[int, float], absent: set[int]) ->
     for h, v in model.items():
         i = shard.find(h)
         assert i >= 0, h
-        assert keys[i] == h
+        assert keys[shard.find_slot(h)] == h
         assert cells(shard, i) == (v, -v)
     for h in absent:
         assert shard.find(h) == -1, h
+    _, rows = shard.occupied()
+    assert len(set(rows.tolist())) == rows.size  # one row per client
+    assert set(rows.tolist()).isdisjoint(shard.free)
+    assert shard.rows * 4 <= max(5 * shard.used_rows, 4 * (shard.used_rows + 16))
+    for r in range(shard.rows):
+        if r not in rows:
+            assert cells(shard, r) == FRESH  # rows not in use hold fresh state
     for i in range(shard.slots):
         k = int(keys[i])
         if k == 0:
-            assert cells(shard, i) == FRESH  # freed slots are reset
             continue
         # linear probing: no empty slot between a key's home and its slot
         j = home(k, shard)
@@ -114,8 +120,8 @@ def test_shard_against_dict_model(data: st.DataObject) -> None:
     )
     for op, h, v in ops:
         if op == "insert":
-            i = shard.slot(h, 0.0)
-            assert i >= 0 and shard.keys[i] == h
+            i = shard.insert(h, 0.0)
+            assert i >= 0 and shard.keys[shard.find_slot(h)] == h
             if h in model:
                 assert cells(shard, i) == (model[h], -model[h])  # existing state kept
             else:
@@ -123,7 +129,7 @@ def test_shard_against_dict_model(data: st.DataObject) -> None:
             set_cells(shard, i, float(v))
             model[h] = float(v)
         elif op == "delete":
-            i = shard.find(h)
+            i = shard.find_slot(h)
             assert (i >= 0) == (h in model)
             if i >= 0:
                 shard.delete(i)
@@ -142,17 +148,21 @@ def test_delete_shifts_the_chain_back() -> None:
     d = key(6, 2, 0)  # home 6, pushed to 8 by the chain
     e = key(15, 2, 0)  # home 15: the last slot
     f = key(15, 4, 0)  # home 15, wraps to slot 0
-    slots = {h: shard.slot(h, 0.0) for h in (a, b, c, d, e, f)}
+    rows = {h: shard.insert(h, 0.0) for h in (a, b, c, d, e, f)}
+    slots = {h: shard.find_slot(h) for h in rows}
     assert slots == {a: 5, b: 6, c: 7, d: 8, e: 15, f: 0}
     for h, v in zip((a, b, c, d, e, f), range(1, 7), strict=True):
-        set_cells(shard, slots[h], float(v))
+        set_cells(shard, rows[h], float(v))
     shard.delete(slots[a])
-    assert [shard.find(h) for h in (b, c, d)] == [5, 6, 7]  # all shifted back one slot
-    assert cells(shard, 5) == (2.0, -2.0) and cells(shard, 7) == (4.0, -4.0)
-    assert shard.keys[8] == 0 and cells(shard, 8) == FRESH
-    shard.delete(shard.find(e))
-    assert shard.find(f) == 15  # wrapped member moves back across the end
-    assert shard.keys[0] == 0 and cells(shard, 15) == (6.0, -6.0)
+    assert [shard.find_slot(h) for h in (b, c, d)] == [5, 6, 7]  # all shifted back one slot
+    assert [shard.find(h) for h in (b, c, d)] == [rows[b], rows[c], rows[d]]  # rows stay
+    assert cells(shard, rows[b]) == (2.0, -2.0) and cells(shard, rows[d]) == (4.0, -4.0)
+    assert shard.keys[8] == 0 and cells(shard, rows[a]) == FRESH
+    assert shard.insert(a, 0.0) == rows[a]  # the freed row is reused
+    shard.delete(shard.find_slot(a))
+    shard.delete(shard.find_slot(e))
+    assert shard.find_slot(f) == 15  # wrapped member moves back across the end
+    assert shard.keys[0] == 0 and cells(shard, shard.find(f)) == (6.0, -6.0)
     check_invariants(shard, {b: 2.0, c: 3.0, d: 4.0, f: 6.0}, {a, e})
 
 
@@ -162,13 +172,13 @@ def test_shard_grows_and_keeps_state() -> None:
     model = {}
     for j in range(1, 200):
         h = key(3, j, 0) if j % 3 else j * 7919
-        i = shard.slot(h, 0.0)
+        i = shard.insert(h, 0.0)
         set_cells(shard, i, float(j))
         model[h] = float(j)
     assert shard.slots >= 256
     check_invariants(shard, model, set())
     for h in list(model)[::2]:
-        shard.delete(shard.find(h))
+        shard.delete(shard.find_slot(h))
         del model[h]
     check_invariants(shard, model, set())
 
@@ -195,9 +205,9 @@ def test_place_gives_findable_keys(shift: int, size_log: int, data: st.DataObjec
     shard._allocate(size)
     shard.keys[:] = keys  # in place: the shard's memoryview sees them
     for h, p in zip(hashes.tolist(), pos.tolist(), strict=True):
-        assert shard.find(h) == p
+        assert shard.find_slot(h) == p
     for h in pool[n:]:
-        assert shard.find(h) == -1
+        assert shard.find_slot(h) == -1
     for i in range(size):
         k = int(keys[i])
         if k:
@@ -218,7 +228,7 @@ def test_reclaim_frees_only_idle_slots(expiries: list[int], now: int, sweep: int
     model = {}
     for j, e in enumerate(expiries, start=1):
         h = key(9, j, 0) if j % 2 else j * 104729
-        set_cells(shard, shard.slot(h, -1.0), float(e))  # nothing idle at -1
+        set_cells(shard, shard.insert(h, -1.0), float(e))  # nothing idle at -1
         model[h] = float(e)
     check_invariants(shard, model, set())
     freed = shard.reclaim(float(now), sweep)
@@ -240,17 +250,17 @@ def test_full_shard_refuses_new_keys_until_some_are_idle() -> None:
     model = {}
     for j in range(1, 11):
         h = key(2, j, 0)
-        set_cells(shard, shard.slot(h, 0.0), 100.0 + j)
+        set_cells(shard, shard.insert(h, 0.0), 100.0 + j)
         model[h] = 100.0 + j
-    assert shard.slot(key(2, 99, 0), 50.0) == -1
-    assert shard.slot(12345, 50.0) == -1
+    assert shard.insert(key(2, 99, 0), 50.0) == -1
+    assert shard.insert(12345, 50.0) == -1
     check_invariants(shard, model, {key(2, 99, 0), 12345})
     # at 102.5 two states (expiring at 101 and 102) are idle: exactly two new keys fit
     for h in (12345, 54321):
-        i = shard.slot(h, 102.5)
+        i = shard.insert(h, 102.5)
         assert i >= 0
         set_cells(shard, i, 200.0)  # the new clients are active
-    assert shard.slot(99999, 102.5) == -1
+    assert shard.insert(99999, 102.5) == -1
     assert shard.count == 10
     for j in range(3, 11):
         assert cells(shard, shard.find(key(2, j, 0)))[0] == 100.0 + j
@@ -263,7 +273,7 @@ def test_client_table_caps_each_shard() -> None:
     placed = 0
     for h in range(1, 200):
         shard = table.shards[h & table.shard_mask]
-        placed += shard.slot(h, 0.0) >= 0
+        placed += shard.insert(h, 0.0) >= 0
     assert placed == len(table) == 4 * cap
     assert all(s.count == cap for s in table.shards)
     with pytest.raises(ValueError, match="power of two"):
