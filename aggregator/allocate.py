@@ -10,6 +10,8 @@ the largest remainders (never above a pair's need). So for every group:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -100,4 +102,61 @@ def water_fill(
     whole += bonus
     out = np.empty(n, dtype=np.int64)
     out[order] = whole.astype(np.int64)
+    return out
+
+
+def water_fill_sparse(
+    group: np.ndarray,
+    weight: np.ndarray,
+    need: np.ndarray,
+    budget: np.ndarray,
+    tiebreak: np.ndarray,
+    left_out: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    left_out_weight: float = 1.0,
+) -> np.ndarray:
+    """:func:`water_fill` of these rows and of rows left out of them, for these rows only.
+
+    The rows left out all have need 0 and weight ``left_out_weight``: they get 0 tokens, and
+    they change the others' grants only in a group whose needs the budget does not cover and
+    that has more than one row (the sort). ``left_out(groups)`` (sorted group ids, only called
+    if a group's needs are not covered) returns ``(group, tiebreak)`` of the rows left out of
+    those groups. The grants are exactly ``water_fill`` of all the rows (its result does not
+    depend on the order of the rows when ``tiebreak`` is unique within each group).
+    """
+    n = group.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    g_count = budget.size
+    need = np.floor(need)
+    np.maximum(need, 0.0, out=need)
+    budget = np.floor(budget)
+    np.maximum(budget, 0.0, out=budget)
+    capped = budget[group]
+    np.minimum(capped, need, out=capped)
+    # each group whose needs the budget covers (and one-row groups): min(need, budget)
+    out: np.ndarray = capped.astype(np.int64)
+    short = np.bincount(group, weights=need, minlength=g_count) > budget
+    if not short.any():
+        return out
+    other_group, other_tie = left_out(np.flatnonzero(short))
+    count = np.bincount(group, minlength=g_count)
+    count += np.bincount(other_group, minlength=g_count)
+    sort = short & (count > 1)  # a short group of one row gets min(need, budget) as above
+    rows = np.flatnonzero(sort[group])
+    if rows.size:
+        others = sort[other_group]
+        k = int(np.count_nonzero(others))
+        # the groups to sort, numbered densely in the same order (water_fill's arrays per
+        # group are then as small as they can be)
+        groups, dense = np.unique(
+            np.concatenate((group[rows], other_group[others])), return_inverse=True
+        )
+        grants = water_fill(
+            dense.reshape(-1),
+            np.concatenate((weight[rows], np.full(k, left_out_weight))),
+            np.concatenate((need[rows], np.zeros(k))),
+            budget[groups],
+            np.concatenate((tiebreak[rows], other_tie[others])),
+        )
+        out[rows] = grants[: rows.size]
     return out

@@ -22,11 +22,11 @@ outside leases (cold start, degraded) are the only excess, and they are bounded 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .allocate import water_fill
+from .allocate import water_fill_sparse
 from .keyindex import KeyIndex
 from .window import ChargeRing
 
@@ -36,10 +36,14 @@ NEED_TICKS = 3.0
 NEED_FLOOR = 2.0
 #: Most servers one aggregator tracks; pair ids are ``client slot * MAX_SERVERS + server + 1``.
 MAX_SERVERS = 1 << 16
+#: A pair's server index (below MAX_SERVERS): 2 bytes per pair, and a tick's servers sort by
+#: radix (``np.argsort(kind="stable")``) when its grants are split per server.
+SERVER_DTYPE = np.uint16
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)
 _NEVER = -(1 << 62)
 _EMPTY_F = np.zeros(0)
+_EMPTY_S = np.zeros(0, dtype=SERVER_DTYPE)
 
 
 def _grow(a: np.ndarray, n: int) -> np.ndarray:
@@ -88,14 +92,20 @@ class PartitionState:
         self.last_active = np.zeros(1024)  # client slot -> last report time
         self.pairs = KeyIndex()
         self.pair_client = np.zeros(1024, dtype=np.int64)
-        self.pair_server = np.zeros(1024, dtype=np.int64)
+        self.pair_server = np.zeros(1024, dtype=SERVER_DTYPE)
         self.outstanding = np.zeros(1024)  # pair slot -> tokens granted, not yet reported
         #: pair slot -> tokens wanted over the ticks in ``_history`` (kept as they come and go)
         self.wanted = np.zeros(1024)
         self.seen = np.full(1024, _NEVER, dtype=np.int64)  # pair slot -> tick of last demand
         self.keepalive = max(memory, keepalive or memory)
         self._ticks = 0
+        #: (pairs, tokens) wanted since the last tick, one entry per batch with demand; each
+        #: batch's pairs are distinct, and so is the whole list unless ``_demand_repeats``
         self._demand: list[tuple[np.ndarray, np.ndarray]] = []
+        self._demand_repeats = False
+        #: client slot / pair slot -> scratch (any value): duplicates in a batch, without a sort
+        self._scratch = np.zeros(1024, dtype=np.int32)
+        self._pair_scratch = np.zeros(1024, dtype=np.int32)
         #: (pairs, tokens) wanted in each of the last ``memory`` ticks, newest last
         self._history: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque(
             maxlen=max(1, memory)
@@ -105,7 +115,9 @@ class PartitionState:
         return len(self.clients)
 
     def _pair_slots(self, clients: np.ndarray, server: np.ndarray | int) -> np.ndarray:
-        ids = (clients * MAX_SERVERS + server + 1).astype(np.uint64)
+        ids = clients * MAX_SERVERS
+        ids += server + 1
+        ids = ids.view(np.uint64)  # non-negative int64: the same values
         before = len(self.pairs)
         slots = self.pairs.lookup_or_insert(ids)
         n = len(self.pairs)
@@ -114,6 +126,7 @@ class PartitionState:
             self.pair_server = _grow(self.pair_server, n)
             self.outstanding = _grow(self.outstanding, n)
             self.wanted = _grow(self.wanted, n)
+            self._pair_scratch = _grow(self._pair_scratch, n)
             if n > self.seen.size:
                 seen = np.full(max(n, 2 * self.seen.size), _NEVER, dtype=np.int64)
                 seen[: self.seen.size] = self.seen
@@ -136,7 +149,20 @@ class PartitionState:
             self.last_active = _grow(self.last_active, n)
             self.limits = _grow(self.limits, n)
             self.limits[before:n] = self._limits_of(self.clients.slot_keys[before:n])
+            if n > self._scratch.size:
+                self._scratch = np.zeros(max(n, 2 * self._scratch.size), dtype=np.int32)
         return clients
+
+    @staticmethod
+    def _distinct(slots: np.ndarray, scratch: np.ndarray) -> bool:
+        """Whether no slot repeats in ``slots``: each writes its position at its slot of a
+        scratch array (one entry per slot) and reads it back (a repeated slot keeps only its
+        last position)."""
+        if slots.size < 2:
+            return True
+        at = np.arange(slots.size, dtype=np.int32)  # a poll holds far fewer than 2**31 records
+        scratch[slots] = at
+        return bool((scratch[slots] == at).all())
 
     def _limits_of(self, keys: np.ndarray) -> np.ndarray:
         if self.limit_of is None:
@@ -199,55 +225,123 @@ class PartitionState:
         ``replay``: a batch from before this state existed (a rebuild): charged to the window
         only, neither demand nor a return of outstanding tokens.
         """
+        at = now if admitted_by is None else admitted_by
+        if not replay:
+            self.apply_many([(records, server, at)], now)
+            return
         if records.size == 0:
             return
         clients = self._rows(records["key"], now)
-        admitted = records["admitted"].astype(np.float64)
-        extra = records["extra"].astype(np.float64)
-        at = now if admitted_by is None else admitted_by
-        self.ring.charge(clients, admitted + extra, at)
-        if replay:
+        distinct = self._distinct(clients, self._scratch)
+        self.ring.charge(
+            clients,
+            records["admitted"] + records["extra"].astype(np.float64),
+            at,
+            distinct=distinct,
+        )
+        if distinct:
+            self.last_active[clients] = np.maximum(self.last_active[clients], at)
+        else:
             np.maximum.at(self.last_active, clients, at)
+
+    def apply_many(self, batches: Sequence[tuple[np.ndarray, int, float]], now: float) -> None:
+        """Fold usage batches ``(records, server, admitted_by)`` in at ``now``, as
+        :meth:`apply` one after the other would: one pass over all their records, so that
+        many small batches (one per server and report interval) cost about one large one."""
+        batches = [b for b in batches if b[0].size]
+        if not batches:
             return
-        pairs = self._pair_slots(clients, server)
-        # one row per pair: a key may come in several records (split counts, merged retries)
-        pairs, inverse = np.unique(pairs, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        size = pairs.size
-
-        def per_pair(values: np.ndarray) -> np.ndarray:
-            return np.bincount(inverse, weights=values, minlength=size)
-
-        returned = per_pair(admitted + records["released"])
-        demand = per_pair(admitted + extra + records["rejected"])
+        servers: np.ndarray | int
+        if len(batches) == 1:
+            records, servers, _ = batches[0]
+        else:
+            records = np.concatenate([b[0] for b in batches])
+            servers = np.repeat(
+                np.array([b[1] for b in batches], dtype=np.int64), [b[0].size for b in batches]
+            )
+        clients = self._rows(records["key"], now)
+        # usually one record per key and server (an agent drains one per client): plain fancy
+        # indexing; a key split over several records (large counts, merged retries, two
+        # batches of one server) takes the general path
+        distinct = self._distinct(clients, self._scratch)
+        admitted = records["admitted"].astype(np.float64)
+        charged = admitted + records["extra"]
+        self._charge(batches, clients, charged, distinct)
+        pairs = self._pair_slots(clients, servers)
+        returned = admitted + records["released"]
+        demand = charged + records["rejected"]
+        if not (distinct or self._distinct(pairs, self._pair_scratch)):
+            # one row per pair: sums over the records of each key
+            pairs, inverse = np.unique(pairs, return_inverse=True)
+            inverse = inverse.reshape(-1)
+            returned = np.bincount(inverse, weights=returned, minlength=pairs.size)
+            demand = np.bincount(inverse, weights=demand, minlength=pairs.size)
         # reported tokens leave the outstanding count (never below zero: a lost grant or a
         # previous owner's lease must not make room that is not there)
-        back = np.minimum(self.outstanding[pairs], returned)
-        self.outstanding[pairs] -= back
-        np.subtract.at(self.held, self.pair_client[pairs], back)
+        out = self.outstanding[pairs]
+        back = np.minimum(out, returned)
+        self.outstanding[pairs] = out - back
+        if distinct:
+            self.held[clients] -= back
+        else:
+            np.subtract.at(self.held, self.pair_client[pairs], back)
         wanted = demand > 0  # a report of released tokens only is no demand
-        if wanted.any():
-            self._demand.append((pairs[wanted], demand[wanted]))
-            self.seen[pairs[wanted]] = self._ticks
+        if not wanted.all():
+            pairs, demand = pairs[wanted], demand[wanted]
+        if pairs.size:
+            # a pair already in this tick's demand (a second batch of the server's) makes the
+            # tick merge the batches' rows
+            if not self._demand_repeats:
+                self._demand_repeats = bool((self.seen[pairs] == self._ticks).any())
+            self._demand.append((pairs, demand))
+            self.seen[pairs] = self._ticks
         self.last_active[clients] = now
 
+    def _charge(
+        self,
+        batches: Sequence[tuple[np.ndarray, int, float]],
+        clients: np.ndarray,
+        amounts: np.ndarray,
+        distinct: bool,
+    ) -> None:
+        """Charge each batch's records at its ``admitted_by``: one ring column at a time."""
+        ats = [b[2] for b in batches]
+        columns = [self.ring.column(at) for at in ats]
+        if len(set(columns)) == 1:
+            self.ring.charge(clients, amounts, ats[0], distinct=distinct)
+            return
+        of_record = np.repeat(
+            np.array([-1 if c is None else c for c in columns]), [b[0].size for b in batches]
+        )
+        for column, at in dict(zip(columns, ats, strict=True)).items():
+            if column is not None:
+                rows = of_record == column
+                self.ring.charge(clients[rows], amounts[rows], at, distinct=distinct)
+
+    def _take_demand(self) -> tuple[np.ndarray, np.ndarray]:
+        """This tick's demand, one row per pair (in no particular order), and none left."""
+        demand, repeats = self._demand, self._demand_repeats
+        self._demand, self._demand_repeats = [], False
+        if not demand:
+            return _EMPTY_I, _EMPTY_F
+        if len(demand) == 1:
+            return demand[0]
+        pairs = np.concatenate([p for p, _ in demand])
+        amounts = np.concatenate([a for _, a in demand])
+        if repeats:
+            pairs, inverse = _groups(pairs, len(self.pairs))
+            amounts = np.bincount(inverse, weights=amounts, minlength=pairs.size)
+        return pairs, amounts
+
     def tick(self, now: float, *, grant: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Allocate: ``(keys, servers, tokens)`` for every (client, server) pair with demand.
+        """Allocate: ``(keys, servers, tokens)`` for every (client, server) pair with demand
+        (uint64, ``SERVER_DTYPE`` and int64 arrays, in the order of the pairs' slots).
 
         A pair may get 0 tokens: its lease then stays as it is (empty means "limited").
         ``grant=False`` (a partition being rebuilt) keeps the demand history and grants nothing.
         """
         self.ring.advance(now)
-        if self._demand:
-            cur_pairs = np.concatenate([p for p, _ in self._demand])
-            cur_amounts = np.concatenate([a for _, a in self._demand])
-            self._demand.clear()
-            cur_pairs, inverse = np.unique(cur_pairs, return_inverse=True)
-            cur_amounts = np.bincount(
-                inverse.reshape(-1), weights=cur_amounts, minlength=cur_pairs.size
-            )
-        else:
-            cur_pairs, cur_amounts = _EMPTY_I, _EMPTY_F
+        cur_pairs, cur_amounts = self._take_demand()
         history = self._history
         if len(history) == history.maxlen:  # the oldest tick leaves the average
             old_pairs, old_amounts = history.popleft()
@@ -256,30 +350,69 @@ class PartitionState:
         self.wanted[cur_pairs] += cur_amounts
         # pairs still kept alive: demand within `keepalive` ticks (a superset of the history's)
         m = len(self.pairs)
-        pairs = np.flatnonzero(self.seen[:m] > self._ticks - self.keepalive)
+        alive = self.seen[:m] > self._ticks - self.keepalive
         self._ticks += 1
-        if pairs.size == 0 or not grant:
-            return np.zeros(0, dtype=np.uint64), _EMPTY_I, _EMPTY_I
+        if not grant or not alive.any():
+            return np.zeros(0, dtype=np.uint64), _EMPTY_S, _EMPTY_I
+        # A pair kept alive without demand in the history (per tick 0) that holds NEED_FLOOR
+        # tokens or more needs nothing: it gets 0 tokens whatever its client's budget, and
+        # only matters to the allocation of a client whose needs the budget does not cover
+        # (water_fill_sparse fetches it then). Most kept-alive pairs are idle: the work is
+        # done for the others only.
+        idle = self.wanted[:m] == 0.0
+        idle &= self.outstanding[:m] >= NEED_FLOOR
+        idle &= alive
+        pairs = np.flatnonzero(alive ^ idle)  # alive and not idle
         # whole tokens: the running sums are exact
         per_tick = self.wanted[pairs] / len(history)
-        clients, group = _groups(self.pair_client[pairs], len(self.clients))
-        budget = np.maximum(
-            0.0, self.limits[clients] - self.ring.used(clients, now) - self.held[clients]
+        client = self.pair_client[pairs]  # the allocation's group of a pair: its client slot
+        # every client's budget max(0, limit - used - held) (a pass over the clients costs less
+        # than picking those of the pairs out); need = max(0, ceil(NEED_TICKS * per_tick) +
+        # NEED_FLOOR - outstanding); in place
+        n = len(self.clients)
+        budget = self.limits[:n] - self.ring.used(slice(0, n), now)
+        budget -= self.held[:n]
+        np.maximum(budget, 0.0, out=budget)
+        need = NEED_TICKS * per_tick
+        np.ceil(need, out=need)
+        need += NEED_FLOOR
+        need -= self.outstanding[pairs]
+        np.maximum(need, 0.0, out=need)
+
+        def idle_of(clients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            mark = np.zeros(n, dtype=bool)
+            mark[clients] = True
+            them = np.flatnonzero(idle & mark[self.pair_client[:m]])
+            return self.pair_client[them], self.pair_server[them]
+
+        tokens = water_fill_sparse(
+            client, per_tick + 1.0, need, budget, self.pair_server[pairs], idle_of
         )
-        need = np.maximum(
-            0.0, np.ceil(NEED_TICKS * per_tick) + NEED_FLOOR - self.outstanding[pairs]
-        )
-        tokens = water_fill(group, per_tick + 1.0, need, budget, self.pair_server[pairs])
-        self.outstanding[pairs] += tokens
-        self.held[clients] += np.bincount(group, weights=tokens, minlength=clients.size)
+        granted = tokens > 0
+        got = np.flatnonzero(granted)  # few rows: indices, not a mask, to pick them
+        more = tokens[got].astype(np.float64)
+        self.outstanding[pairs[got]] += more
+        np.add.at(self.held, client[got], more)  # whole tokens: exact in any order
         # Every pair with recent demand hears from us each tick (an empty grant still says
         # "limited" and keeps its lease alive); a pair only kept alive hears when it gets tokens,
-        # and otherwise every memory/2 ticks (staggered), often enough to keep its lease alive.
-        memory = self._history.maxlen or 1
-        refresh = (pairs + self._ticks) % max(1, memory // 2) == 0
-        send = (tokens > 0) | (per_tick > 0) | refresh
-        pairs, group, tokens = pairs[send], group[send], tokens[send]
-        return self.clients.slot_keys[clients[group]], self.pair_server[pairs], tokens
+        # and otherwise every memory/2 ticks (staggered), often enough to keep its lease alive:
+        # the pairs p with (p + ticks) % (memory/2) == 0, every (memory/2)-th from `first`.
+        every = max(1, (self._history.maxlen or 1) // 2)
+        first = -self._ticks % every
+        refresh = np.zeros(m, dtype=bool)
+        refresh[first::every] = True
+        send = granted | (per_tick > 0) | refresh[pairs]
+        if not idle[first::every].any():  # no idle pair's refresh: the rows are these pairs'
+            sent, out = (pairs, tokens) if send.all() else (pairs[send], tokens[send])
+        else:
+            mine = np.zeros(m, dtype=bool)  # pairs allocated here that get a row
+            mine[pairs[send]] = True
+            rows = mine.copy()
+            rows[first::every] |= idle[first::every]  # an idle pair: a row of 0 tokens
+            sent = np.flatnonzero(rows)
+            out = np.zeros(sent.size, dtype=np.int64)
+            out[np.flatnonzero(mine[sent])] = tokens[send]  # both in pair order
+        return self.clients.slot_keys[self.pair_client[sent]], self.pair_server[sent], out
 
     def forget_server(self, server: int) -> float:
         """A server is gone: its leases have expired; returns the tokens freed."""
@@ -323,9 +456,8 @@ class PartitionState:
         seen[: old_pairs.size] = self.seen[old_pairs]
         self.seen = seen
         k = old_pairs.size
-        self.pairs = KeyIndex(max(1024, k))
-        self.pairs.lookup_or_insert(
-            (self.pair_client[:k] * MAX_SERVERS + self.pair_server[:k] + 1).astype(np.uint64)
+        self.pairs = KeyIndex.of_distinct(
+            (self.pair_client[:k] * MAX_SERVERS + self.pair_server[:k] + 1).view(np.uint64)
         )
 
         def remap(p: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

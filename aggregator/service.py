@@ -43,7 +43,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -384,6 +384,39 @@ class Aggregator:
 
     def handle(self, record: Record) -> bool:
         """Apply one usage record; False if it was skipped (malformed, duplicate, unowned)."""
+        return self.handle_many([record]) == 1
+
+    def handle_many(self, records: Sequence[Record]) -> int:
+        """Apply usage records (one poll's); returns how many were applied, not skipped.
+
+        Each record is checked and counted in order; the live batches of each partition are
+        then folded in together (:meth:`PartitionState.apply_many`). An error in one record is
+        counted and logged, never raised: it must not stop the aggregator.
+        """
+        live: dict[int, list[tuple[np.ndarray, int, float]]] = {}
+        applied = 0
+        for record in records:
+            try:
+                applied += self._accept(record, live)
+            except Exception as e:
+                self.stats.errors += 1
+                log.exception("error applying usage record: %r", e)
+        if live:
+            now = self._clock()
+            with self._lock:
+                for partition, batches in live.items():
+                    state = self._partitions.get(partition)
+                    if state is None:
+                        continue
+                    try:
+                        state.apply_many(batches, now)
+                    except Exception as e:
+                        self.stats.errors += 1
+                        log.exception("error applying usage batches: %r", e)
+        return applied
+
+    def _accept(self, record: Record, live: dict[int, list[tuple[np.ndarray, int, float]]]) -> bool:
+        """Check one record; apply it if it is history, else add its batch to ``live``."""
         try:
             if wire.message_type(record.value) == wire.HEALTH_TYPE:
                 if self.control is None:
@@ -432,7 +465,8 @@ class Aggregator:
             server.last_seen = now
             server.active = True
             offset = server.observe_offset(batch.end - now, now)
-            state.apply(batch.records, server.index, now, min(now, batch.end - offset))
+            at = min(now, batch.end - offset)
+            live.setdefault(record.partition, []).append((batch.records, server.index, at))
         self.stats.batches += 1
         self.stats.records += int(batch.records.size)
         return True
@@ -575,12 +609,7 @@ class Aggregator:
             log.warning("polling the usage topic failed: %s: %s", type(e).__name__, e)
             records = []
             time.sleep(min(timeout, POLL_RETRY))
-        for record in records:
-            try:
-                self.handle(record)
-            except Exception as e:  # never let one record stop the aggregator
-                self.stats.errors += 1
-                log.exception("error applying usage record: %r", e)
+        self.handle_many(records)
         if self._clock() >= self._next_tick:
             self._next_tick += self.config.tick
             if self._next_tick < self._clock():

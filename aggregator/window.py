@@ -85,18 +85,30 @@ class ChargeRing:
             return None
         return min(b, self.current + self.ahead) % self.k
 
-    def charge(self, rows: np.ndarray, amounts: np.ndarray, at: float) -> None:
+    def charge(
+        self, rows: np.ndarray, amounts: np.ndarray, at: float, *, distinct: bool = False
+    ) -> None:
+        """Add ``amounts`` to ``rows`` at time ``at`` (a row may repeat: its amounts add up).
+        ``distinct``: the caller knows no row repeats (plain fancy indexing, no ``np.add.at``)."""
         col = self.column(at)
         if col is not None and rows.size:
-            np.add.at(self.charges[col], rows, amounts)
-            np.add.at(self.total, rows, amounts)
+            if distinct:
+                column = self.charges[col]
+                column[rows] += amounts
+                self.total[rows] += amounts
+            else:
+                np.add.at(self.charges[col], rows, amounts)
+                np.add.at(self.total, rows, amounts)
 
-    def used(self, rows: np.ndarray, now: float) -> np.ndarray:
-        """Charges of each row in the buckets that reach into ``(now - window, ...]``."""
+    def used(self, rows: np.ndarray | slice, now: float) -> np.ndarray:
+        """Charges of each row in the buckets that reach into ``(now - window, ...]`` (``rows``:
+        an index array or a slice; a new array either way)."""
         assert self.current is not None, "advance() first"
         first = max(self.current - self.back, math.floor((now - self.window) / self.bucket))
         if first == self.current - self.back:  # every bucket counts: the running totals
-            used: np.ndarray = self.total[rows]
+            used: np.ndarray = (
+                self.total[rows].copy() if isinstance(rows, slice) else self.total[rows]
+            )
             return used
         cols = np.arange(first, self.current + self.ahead + 1) % self.k
         used = self.charges[cols][:, rows].sum(axis=0)
