@@ -29,9 +29,11 @@ from .decision import Decision, Reason
 from .errors import AcquireTimeout, RateLimitExceeded
 from .keys import client_key, signed
 from .lease import (
+    ADMITTED,
     EXPIRY,
     KEY,
     LIMIT,
+    REJECTED,
     TOKENS,
     USAGE,
     WIDTH,
@@ -80,9 +82,10 @@ class Usage:
 
 _MAX_ID = MAX_CLIENT_ID_LENGTH
 #: The request path's written-out cost-1 steps, by algorithm (``_CALL``: call ``consume()``).
-_CALL, _LOG, _GCRA, _BUCKET, _FIXED, _SLIDING = range(6)
+_CALL, _LOG, _LEASE, _GCRA, _BUCKET, _FIXED, _SLIDING = range(7)
 _STEPS: dict[type[Algorithm], int] = {
     SlidingLog: _LOG,
+    LeaseAlgorithm: _LEASE,
     GCRA: _GCRA,
     TokenBucket: _BUCKET,
     FixedWindow: _FIXED,
@@ -253,9 +256,9 @@ class RateLimiter:
     def _build_allow_request(self) -> Callable[[str, Request], bool]:
         """The request path as a closure: everything it reads per call is a local constant.
 
-        For one local policy the algorithm's cost-1 step is written out in the closure (a call
-        costs about as much as the step): each copy is the common path of that algorithm's
-        ``consume()``, which it falls back to otherwise, and
+        For one policy (a local algorithm, or the lease) its cost-1 step is written out in the
+        closure (a call costs about as much as the step): each copy is the common path of that
+        algorithm's ``consume()``, which it falls back to otherwise, and
         ``tests/limiter/test_request_path.py`` checks the two decide alike.
         """
         clock = self._clock
@@ -272,10 +275,10 @@ class RateLimiter:
         waits = self._waits
         wait_for_lease = self._wait_for_lease
         algo = self._algos[0]
-        kind = _STEPS.get(type(algo), _CALL) if consume is not None and not keyed else _CALL
+        kind = _STEPS.get(type(algo), _CALL) if consume is not None else _CALL
         # one flag per step: a test of a local flag is the cheapest branch
-        is_log, is_gcra, is_bucket, is_fixed, is_sliding = (
-            kind == k for k in (_LOG, _GCRA, _BUCKET, _FIXED, _SLIDING)
+        is_log, is_lease, is_gcra, is_bucket, is_fixed, is_sliding = (
+            kind == k for k in (_LOG, _LEASE, _GCRA, _BUCKET, _FIXED, _SLIDING)
         )
         window, limit = algo.window, algo.limit
         capacity, flimit = float(algo.capacity), float(limit)
@@ -333,6 +336,14 @@ class RateLimiter:
                         ok = True
                     else:
                         ok = consume(s, b, now, 1)  # type: ignore[misc]
+                elif is_lease and s[b + EXPIRY] > now:  # a live lease (else: cold start, ...)
+                    tokens = s[b + TOKENS]
+                    ok = tokens >= 1.0
+                    if ok:
+                        s[b + TOKENS] = tokens - 1.0
+                        s[b + ADMITTED] += 1.0
+                    else:
+                        s[b + REJECTED] += 1.0
                 elif is_gcra:
                     tat = s[b]
                     if tat < now:

@@ -3,10 +3,12 @@ these tests hold every copy to the algorithm's own ``consume()``, which ``check(
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from limiter import RateLimiter, Request
+from limiter.keys import client_key
 
 ALGOS = ("sliding_log", "token_bucket", "gcra", "fixed_window", "sliding_window")
 
@@ -60,3 +62,37 @@ def test_allow_request_decides_as_consume(
     for client in range(4):
         cid = f"c{client}"
         assert inline.peek(cid, now=t) == called.peek(cid, now=t)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    leases=st.lists(st.integers(0, 6), min_size=4, max_size=4),
+    expiry=st.sampled_from([0.5, 2.0]),
+    reqs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 64)), max_size=60),
+)
+def test_allow_request_decides_as_consume_on_leases(
+    leases: list[int], expiry: float, reqs: list[tuple[int, int]]
+) -> None:
+    """Approximate mode: the lease step written out (live lease: take a token or count a
+    refusal) against ``LeaseAlgorithm.consume`` (also cold start and expired leases)."""
+    now = [1000.0]
+    limiters = [
+        RateLimiter(100, 10.0, mode="approximate", clock=lambda: now[0], shards=2) for _ in range(2)
+    ]
+    cids = [f"c{i}" for i in range(4)]
+    keys = np.array([client_key(c) for c in cids], dtype=np.uint64)
+    for lim in limiters:
+        for cid in cids:  # cold start; the drained usage makes the keys known
+            lim.allow_request(cid, Request(now[0]))
+        lim.drain_usage()
+        assert lim.apply_grants(keys, np.array(leases, dtype=np.float64), now[0] + expiry) == 4
+    inline, called = limiters
+    for client, dt in reqs:
+        now[0] += dt / 64
+        cid = cids[client]
+        assert inline.allow_request(cid, Request(now[0])) == called.check(cid).allowed, cid
+    assert [inline.lease_info(c) for c in cids] == [called.lease_info(c) for c in cids]
+    a, b = inline.drain_usage(), called.drain_usage()
+    for field in ("keys", "admitted", "extra", "rejected", "released"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert np.array_equal(x[np.argsort(a.keys)], y[np.argsort(b.keys)]), field
