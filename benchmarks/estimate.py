@@ -48,6 +48,8 @@ from aggregator.topics import (  # noqa: E402
     RETENTION_MARGIN_MS,
 )
 from limiter import Policy, RateLimiter, Request  # noqa: E402
+from limiter.table import MAX_LOAD as TABLE_MAX_LOAD  # noqa: E402
+from limiter.table import ROW_GROWTH  # noqa: E402
 from producer import wire  # noqa: E402
 from producer.agent import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_REPORT_INTERVAL  # noqa: E402
 from producer.transport import InProcessBus  # noqa: E402
@@ -145,10 +147,14 @@ def measure_aggregator(config: AggregatorConfig, clients: int, servers: int) -> 
     )
 
 
+#: Bytes per slot of the limiter's index: an int64 key and an int32 row (limiter/table.py).
+INDEX_SLOT = 12
+
+
 @dataclass(frozen=True)
 class ServerBytes:
     table_per_client: float  # memory_bytes() / len at the sample
-    slot: float  # bytes per table slot
+    row: float  # bytes per client row (the state, without the index)
     traced_per_client: float  # tracemalloc, table + drain_usage's key map
     clients: int
 
@@ -171,7 +177,7 @@ def measure_server(policy: Policy, clients: int) -> ServerBytes:
     width = limiter.lease.width
     return ServerBytes(
         table_per_client=limiter.memory_bytes() / n,
-        slot=8 + 8 * width,
+        row=8 * width,
         traced_per_client=traced / n,
         clients=n,
     )
@@ -269,22 +275,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--grants-partitions", type=int, default=None, help="default: one per app server"
     )
     m = ap.add_argument_group("measured in docs/benchmarks.md (its recorded run)")
-    m.add_argument("--decode-rate", type=float, default=12.63e6, help="usage records/s decoded")
-    m.add_argument("--apply-rate", type=float, default=516e3, help="records/s through apply")
-    m.add_argument("--tick-ms", type=float, default=135.0, help="one tick at --tick-pairs")
+    m.add_argument("--decode-rate", type=float, default=21.66e6, help="usage records/s decoded")
+    m.add_argument("--apply-rate", type=float, default=1.59e6, help="records/s through apply")
+    m.add_argument("--tick-ms", type=float, default=67.9, help="one tick at --tick-pairs")
     m.add_argument(
-        "--history-ms", type=float, default=1.1, help="of which the demand history's step"
+        "--history-ms", type=float, default=1.2, help="of which the demand history's step"
     )
     m.add_argument("--tick-pairs", type=float, default=2_501_138)
-    m.add_argument("--advance-ms", type=float, default=2.4, help="ring advance, 1M clients")
-    m.add_argument("--grants-ms", type=float, default=7.7, help="grant batches of a tick...")
+    m.add_argument("--advance-ms", type=float, default=6.0, help="ring advance, 1M clients")
+    m.add_argument("--grants-ms", type=float, default=7.1, help="grant batches of a tick...")
     m.add_argument("--grants-pairs", type=float, default=827_435, help="...of this many pairs")
-    m.add_argument("--first-seen-rate", type=float, default=295e3, help="records/s, new keys")
+    m.add_argument("--first-seen-rate", type=float, default=1.06e6, help="records/s, new keys")
     m.add_argument("--usage-lz4", type=float, default=10.5, help="bytes per usage record")
     m.add_argument("--grant-lz4", type=float, default=10.67, help="bytes per grant record")
-    m.add_argument("--decision-ns", type=float, default=901.0, help="lease path, per call")
-    m.add_argument("--drain-ns", type=float, default=213.0, help="drain_usage, per client")
-    m.add_argument("--apply-grant-ns", type=float, default=1067.0, help="apply_grants, per record")
+    m.add_argument("--decision-ns", type=float, default=860.0, help="lease path, per call")
+    m.add_argument("--drain-ns", type=float, default=212.0, help="drain_usage, per client")
+    m.add_argument("--apply-grant-ns", type=float, default=1101.0, help="apply_grants, per record")
     s = ap.add_argument_group("sample sizes of the measurements")
     s.add_argument("--sample-clients", type=int, default=200_000, help="aggregator sample")
     s.add_argument("--sample-servers", type=int, default=2, help="servers per sample client")
@@ -403,7 +409,9 @@ def estimate(args: argparse.Namespace) -> str:
     ]
     key_map = srv.traced_per_client - srv.table_per_client
     server_mem = leases * srv.traced_per_client
-    server_mem_plan = leases * (srv.slot / 0.375 + key_map)
+    # the table at its emptiest: index just doubled (load MAX_LOAD / 2), rows just grown
+    worst = INDEX_SLOT / (TABLE_MAX_LOAD / 2) + srv.row * ROW_GROWTH
+    server_mem_plan = leases * (worst + key_map)
 
     load: list[Row] = [
         (
@@ -560,11 +568,11 @@ def estimate(args: argparse.Namespace) -> str:
         (
             "bytes per client (table; with key map)",
             f"{srv.table_per_client:.0f} B; {srv.traced_per_client:.0f} B",
-            f"memory_bytes()/len; tracemalloc after drain_usage; {srv.slot:.0f} B slots; "
+            f"memory_bytes()/len; tracemalloc after drain_usage; {srv.row:.0f} B rows; "
             f"sample of {si(srv.clients)} clients",
         ),
         (
-            "limiter memory (as sampled; table at load 3/8)",
+            "limiter memory (as sampled; table at its emptiest)",
             f"{si(server_mem, 'B')}; {si(server_mem_plan, 'B')}",
             "leases × bytes per client",
         ),
