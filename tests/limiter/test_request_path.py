@@ -6,24 +6,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_algorithms_properties import ALGOS, make_limiter
 
 from limiter import RateLimiter, Request
 from limiter.keys import client_key
-
-ALGOS = ("sliding_log", "token_bucket", "gcra", "fixed_window", "sliding_window")
-
-
-def make(algorithm: str, limit: int, window: float, burst: int | None) -> RateLimiter:
-    return RateLimiter(
-        limit,
-        window,
-        algorithm=algorithm,
-        burst=burst,
-        clock=lambda: 0.0,
-        max_request_age=None,
-        max_clock_skew=None,
-        shards=2,
-    )
 
 
 @st.composite
@@ -54,7 +40,8 @@ def test_allow_request_decides_as_consume(
     run: tuple[str, int, float, int | None, list[tuple[int, float]]],
 ) -> None:
     algorithm, limit, window, burst, times = run
-    inline, called = make(algorithm, limit, window, burst), make(algorithm, limit, window, burst)
+    inline = make_limiter(algorithm, limit, window, burst)
+    called = make_limiter(algorithm, limit, window, burst)
     for client, t in times:
         cid = f"c{client}"
         got = inline.allow_request(cid, Request(t))
