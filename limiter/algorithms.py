@@ -1,8 +1,9 @@
-"""The rate-limiting algorithms, each a small state transition on a few float64 cells.
+"""The rate-limiting algorithms, each a small state transition on a few cells.
 
-A client's state for one policy is ``width`` consecutive float64 cells of a flat array, starting
-at offset ``b``; :mod:`limiter.table` owns the arrays. Every method is deterministic in
-``(cells, now, cost)``: no clock, no I/O, no allocation beyond Python floats. Times are seconds
+A client's state for one policy is ``width`` consecutive cells (float64, or uint32 where the
+algorithm's ``dtype`` says so) of a flat array, starting at offset ``b``; :mod:`limiter.table`
+owns the arrays. Every method is deterministic in ``(cells, now, cost)``: no clock, no I/O, no
+allocation beyond Python numbers. Times are seconds
 on the limiter's clock, costs are tokens (whole requests, or weighted units).
 
 Guarantees, for ``limit`` L per ``window`` W (see docs/algorithms.md):
@@ -10,7 +11,7 @@ Guarantees, for ``limit`` L per ``window`` W (see docs/algorithms.md):
 ============== ======================================= ============== ==========================
 algorithm      any interval of length W holds at most   state (cells)  cost per decision
 ============== ======================================= ============== ==========================
-sliding_log    L (exact, also with late timestamps)    L + 1          O(cost)
+sliding_log    L (exact, also with late timestamps)    L + 2 (uint32) O(cost)
 token_bucket   burst + L                                2              O(1)
 gcra           burst + L                                1              O(1)
 fixed_window   2L (exactly L per aligned window)        2              O(1)
