@@ -56,7 +56,7 @@ from limiter.ratelimiter import Usage
 from producer import wire
 from producer.agent import DEFAULT_HEALTH_INTERVAL, DEFAULT_HEARTBEAT_INTERVAL, Agent
 from producer.health import BackendMonitor, BreakerGate
-from producer.transport import USAGE_TOPIC, Record
+from producer.transport import MAX_POLL_RECORDS, USAGE_TOPIC, Record
 
 from .control import Controller, ControlOptions
 from .service import (
@@ -522,7 +522,7 @@ class _Inbox:
     def __init__(self) -> None:
         self.records: list[Record] = []
 
-    def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+    def poll(self, timeout: float, max_records: int = MAX_POLL_RECORDS) -> list[Record]:
         out, self.records = self.records[:max_records], self.records[max_records:]
         return out
 

@@ -49,7 +49,7 @@ from aggregator.service import Aggregator, AggregatorConfig  # noqa: E402
 from limiter import Policy, RateLimiter, Request  # noqa: E402
 from producer import wire  # noqa: E402
 from producer.agent import Agent  # noqa: E402
-from producer.transport import InProcessBus  # noqa: E402
+from producer.transport import MAX_POLL_RECORDS, InProcessBus  # noqa: E402
 
 try:  # a dependency (kafka-python reads confluent-kafka's lz4 batches); reported if missing
     import lz4
@@ -71,8 +71,6 @@ SERVERS = 4
 TARGET = 1_000_000
 #: Report interval and tick, seconds (the defaults of the agent and of the aggregator).
 ROUND = 0.1
-#: Messages per poll of the aggregator's consumer (the receivers' ``max_records`` default).
-POLL_RECORDS = 500
 #: Zipf exponent of the skewed workload (rank i has weight 1 / i**ZIPF_S).
 ZIPF_S = 1.0
 #: A server admits at most this many tokens per client per round (about L / rounds per window
@@ -283,10 +281,10 @@ def run_rounds(
         timed = r >= timed_from
         start = clock.now
         # the service folds one poll's batches into one apply_many; confluent-kafka's poll
-        # returns when it has POLL_RECORDS messages or the tick is due: a round's batches,
-        # POLL_RECORDS at a time
-        for first in range(0, len(round_msgs), POLL_RECORDS):
-            polled = round_msgs[first : first + POLL_RECORDS]
+        # returns when it has MAX_POLL_RECORDS messages or the tick is due: a round's batches,
+        # MAX_POLL_RECORDS at a time
+        for first in range(0, len(round_msgs), MAX_POLL_RECORDS):
+            polled = round_msgs[first : first + MAX_POLL_RECORDS]
             arrive = start + (first + len(polled)) * ROUND / (len(round_msgs) + 1)
             t0 = pc()
             batches = [wire.decode_usage(data).records for data in polled]

@@ -25,7 +25,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from .transport import QueueFull, Record, Rewind
+from .transport import MAX_POLL_RECORDS, QueueFull, Record, Rewind
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
@@ -208,7 +208,7 @@ class ConfluentReceiver:
         self.assigned: list[int] = []
         self.errors = 0
 
-    def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+    def poll(self, timeout: float, max_records: int = MAX_POLL_RECORDS) -> list[Record]:
         out: list[Record] = []
         for msg in self._consumer.consume(num_messages=max_records, timeout=timeout):
             if msg.error() is not None:

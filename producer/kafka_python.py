@@ -55,7 +55,7 @@ from kafka import (
 )
 from kafka.errors import KafkaError, for_code
 
-from .transport import QueueFull, Record, Rewind
+from .transport import MAX_POLL_RECORDS, QueueFull, Record, Rewind
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +413,7 @@ class KafkaPythonReceiver:
                 if self._on_revoke is not None:
                     self._on_revoke(parts)
 
-    def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+    def poll(self, timeout: float, max_records: int = MAX_POLL_RECORDS) -> list[Record]:
         try:
             batches = self._consumer.poll(
                 timeout_ms=max(0, int(timeout * 1000)), max_records=max(1, max_records)

@@ -19,6 +19,8 @@ from typing import Protocol
 #: Default topic names.
 USAGE_TOPIC = "drl.usage"
 GRANTS_TOPIC = "drl.grants"
+#: Most records one ``Receiver.poll`` returns (the aggregator folds one poll's usage at once).
+MAX_POLL_RECORDS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +58,10 @@ class Sender(Protocol):
 
 
 class Receiver(Protocol):
-    def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
-        """Records that arrived, waiting up to ``timeout`` seconds for the first."""
+    def poll(self, timeout: float, max_records: int = MAX_POLL_RECORDS) -> list[Record]:
+        """Up to ``max_records`` records, waiting at most ``timeout`` seconds. A client may
+        return as soon as it has some (kafka-python, the in-process bus) or only once it has
+        ``max_records`` or the time is up (confluent-kafka's ``consume``)."""
 
     def assignment(self) -> list[int]:
         """Partitions currently read."""
@@ -199,7 +203,7 @@ class _BusReceiver:
         self._topic = topic
         self._pos = positions
 
-    def poll(self, timeout: float, max_records: int = 500) -> list[Record]:
+    def poll(self, timeout: float, max_records: int = MAX_POLL_RECORDS) -> list[Record]:
         t = self._topic
         deadline = time.monotonic() + timeout
         with t.cond:
