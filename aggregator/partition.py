@@ -226,39 +226,30 @@ class PartitionState:
         only, neither demand nor a return of outstanding tokens.
         """
         at = now if admitted_by is None else admitted_by
-        if not replay:
-            self.apply_many([(records, server, at)], now)
-            return
-        if records.size == 0:
-            return
-        clients = self._rows(records["key"], now)
-        distinct = self._distinct(clients, self._scratch)
-        self.ring.charge(
-            clients,
-            records["admitted"] + records["extra"].astype(np.float64),
-            at,
-            distinct=distinct,
-        )
-        if distinct:
-            self.last_active[clients] = np.maximum(self.last_active[clients], at)
-        else:
-            np.maximum.at(self.last_active, clients, at)
+        self.apply_many([(records, server, at)], now, replay=replay)
 
-    def apply_many(self, batches: Sequence[tuple[np.ndarray, int, float]], now: float) -> None:
+    def apply_many(
+        self,
+        batches: Sequence[tuple[np.ndarray, int, float]],
+        now: float,
+        *,
+        replay: bool = False,
+    ) -> None:
         """Fold usage batches ``(records, server, admitted_by)`` in at ``now``, as
         :meth:`apply` one after the other would: one pass over all their records, so that
         many small batches (one per server and report interval) cost about one large one."""
         batches = [b for b in batches if b[0].size]
         if not batches:
             return
+        sizes = [b[0].size for b in batches]
         servers: np.ndarray | int
+        at: np.ndarray | float
         if len(batches) == 1:
-            records, servers, _ = batches[0]
+            records, servers, at = batches[0]
         else:
             records = np.concatenate([b[0] for b in batches])
-            servers = np.repeat(
-                np.array([b[1] for b in batches], dtype=np.int64), [b[0].size for b in batches]
-            )
+            servers = np.repeat(np.array([b[1] for b in batches], dtype=np.int64), sizes)
+            at = np.repeat(np.array([b[2] for b in batches]), sizes)
         clients = self._rows(records["key"], now)
         # usually one record per key and server (an agent drains one per client): plain fancy
         # indexing; a key split over several records (large counts, merged retries, two
@@ -266,7 +257,13 @@ class PartitionState:
         distinct = self._distinct(clients, self._scratch)
         admitted = records["admitted"].astype(np.float64)
         charged = admitted + records["extra"]
-        self._charge(batches, clients, charged, distinct)
+        self._charge(batches, sizes, clients, charged, distinct)
+        if replay:  # history: the window only, and when its clients were last active
+            if distinct:
+                self.last_active[clients] = np.maximum(self.last_active[clients], at)
+            else:
+                np.maximum.at(self.last_active, clients, at)
+            return
         pairs = self._pair_slots(clients, servers)
         returned = admitted + records["released"]
         demand = charged + records["rejected"]
@@ -300,19 +297,19 @@ class PartitionState:
     def _charge(
         self,
         batches: Sequence[tuple[np.ndarray, int, float]],
+        sizes: Sequence[int],
         clients: np.ndarray,
         amounts: np.ndarray,
         distinct: bool,
     ) -> None:
-        """Charge each batch's records at its ``admitted_by``: one ring column at a time."""
+        """Charge each batch's records (``sizes`` of them) at its ``admitted_by``: one ring
+        column at a time."""
         ats = [b[2] for b in batches]
         columns = [self.ring.column(at) for at in ats]
         if len(set(columns)) == 1:
             self.ring.charge(clients, amounts, ats[0], distinct=distinct)
             return
-        of_record = np.repeat(
-            np.array([-1 if c is None else c for c in columns]), [b[0].size for b in batches]
-        )
+        of_record = np.repeat(np.array([-1 if c is None else c for c in columns]), sizes)
         for column, at in dict(zip(columns, ats, strict=True)).items():
             if column is not None:
                 rows = of_record == column

@@ -380,6 +380,10 @@ class SlidingLog(Algorithm):
     def _origin(self, base: int) -> float:
         return base * LOG_BASE_UNIT - LOG_BASE_OFFSET
 
+    def _tick(self, base: int, now: float) -> float:
+        """``now`` in ticks from the origin ``base`` names (a float: not rounded yet)."""
+        return (now - self._origin(base)) * self.scale
+
     def _base_for(self, now: float) -> int:
         return max(1, math.floor((now - self.span + LOG_BASE_OFFSET) / LOG_BASE_UNIT))
 
@@ -390,7 +394,7 @@ class SlidingLog(Algorithm):
         base = s[b]
         if not base:
             base = s[b] = self._base_for(now)
-        x = (now - (base * LOG_BASE_UNIT - LOG_BASE_OFFSET)) * self.scale
+        x = self._tick(base, now)
         if x > LOG_MAX_TICK:
             new = self._base_for(now)
             delta = (new - base) * int(LOG_BASE_UNIT * self.scale)  # whole ticks
@@ -398,7 +402,7 @@ class SlidingLog(Algorithm):
             live = ring > 0
             ring[live] = np.maximum(ring[live].astype(np.int64) - delta, 1)
             s[b] = new
-            x = (now - (new * LOG_BASE_UNIT - LOG_BASE_OFFSET)) * self.scale
+            x = self._tick(new, now)
         if x <= 0.0:  # before the origin: stored at the origin (later, so stricter)
             return 1
         c = int(x)
@@ -412,7 +416,7 @@ class SlidingLog(Algorithm):
         base = s[b]
         head = s[b + 1]
         if base:
-            x = (now - (base * LOG_BASE_UNIT - LOG_BASE_OFFSET)) * self.scale
+            x = self._tick(base, now)
             wait = self.wait
             if cost == 1:
                 v = s[b + 2 + head]
@@ -444,7 +448,7 @@ class SlidingLog(Algorithm):
         base = int(s[b])
         if not base:
             return np.ones(ring.size, dtype=bool)
-        x = (now - self._origin(base)) * self.scale
+        x = self._tick(base, now)
         passing: np.ndarray = (ring == 0) | (ring + self.wait <= x)
         return passing
 

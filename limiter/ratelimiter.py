@@ -81,16 +81,6 @@ class Usage:
 
 
 _MAX_ID = MAX_CLIENT_ID_LENGTH
-#: The request path's written-out cost-1 steps, by algorithm (``_CALL``: call ``consume()``).
-_CALL, _LOG, _LEASE, _GCRA, _BUCKET, _FIXED, _SLIDING = range(7)
-_STEPS: dict[type[Algorithm], int] = {
-    SlidingLog: _LOG,
-    LeaseAlgorithm: _LEASE,
-    GCRA: _GCRA,
-    TokenBucket: _BUCKET,
-    FixedWindow: _FIXED,
-    SlidingWindow: _SLIDING,
-}
 
 ALLOW_REQUEST_DOC = """Admit (True) or refuse one request of ``client_id`` at ``request.timestamp``.
 
@@ -275,10 +265,12 @@ class RateLimiter:
         waits = self._waits
         wait_for_lease = self._wait_for_lease
         algo = self._algos[0]
-        kind = _STEPS.get(type(algo), _CALL) if consume is not None else _CALL
-        # one flag per step: a test of a local flag is the cheapest branch
+        # whose cost-1 step is written out below (none with several policies); one flag per
+        # step: a test of a local flag is the cheapest branch
+        step = type(algo) if consume is not None else None
         is_log, is_lease, is_gcra, is_bucket, is_fixed, is_sliding = (
-            kind == k for k in (_LOG, _LEASE, _GCRA, _BUCKET, _FIXED, _SLIDING)
+            step is t
+            for t in (SlidingLog, LeaseAlgorithm, GCRA, TokenBucket, FixedWindow, SlidingWindow)
         )
         window, limit = algo.window, algo.limit
         capacity, flimit = float(algo.capacity), float(limit)
