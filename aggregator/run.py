@@ -580,8 +580,6 @@ class ServiceState:
         self.broker_error = ""
         self.probe_ok = False
         self.usage_partitions: int | None = None
-        #: Held while the consumer is read for the lag metric, and while it is closed.
-        self.consumer_lock = threading.Lock()
         #: The signal that stopped the service, if one did.
         self.signal = ""
         self._lag: Callable[[], Mapping[int, int]] | None = None
@@ -652,13 +650,12 @@ class ServiceState:
 
     def lag(self) -> Mapping[int, int] | None:
         """Records behind per owned partition, or None (not running, or not available)."""
-        with self.consumer_lock:
-            if self.phase != "running" or self._lag is None:
-                return None
-            try:
-                return self._lag()
-            except Exception:
-                return None
+        if self.phase != "running" or self._lag is None:
+            return None
+        try:
+            return self._lag()
+        except Exception:
+            return None
 
     def probe(self, transport: Transport, topic: str, stop: threading.Event) -> None:
         """Every :data:`BROKER_PROBE_INTERVAL` s read ``topic``'s metadata; log changes only."""
@@ -864,8 +861,7 @@ def _run(settings: RunSettings) -> int:
             timer.start()
         event(logging.INFO, "running", usage_topic_partitions=state.usage_partitions)
         code = _loop(aggregator, state, stop, ticks.observe, settings.stats_log_interval)
-        with state.consumer_lock:
-            state.phase = "stopping"
+        state.phase = "stopping"
         cause = state.signal or ("duration" if code == 0 else "error")
         event(logging.INFO, "stopping", cause=cause, **_summary(aggregator))
         try:

@@ -202,11 +202,17 @@ class ConfluentSender:
         return 0 if producer is None else len(producer)
 
 
+#: Seconds between the receiver's refreshes of its lag (:meth:`ConfluentReceiver.lag`).
+LAG_REFRESH = 1.0
+
+
 class ConfluentReceiver:
     def __init__(self, consumer: Any) -> None:
         self._consumer = consumer
         self.assigned: list[int] = []
         self.errors = 0
+        self._lag: dict[int, int] = {}
+        self._lag_due = 0.0
 
     def poll(self, timeout: float, max_records: int = MAX_POLL_RECORDS) -> list[Record]:
         out: list[Record] = []
@@ -219,15 +225,26 @@ class ConfluentReceiver:
                 continue
             ts = msg.timestamp()[1] / 1000.0
             out.append(Record(msg.topic(), msg.partition(), msg.offset(), ts, value))
+        now = time.monotonic()
+        if now >= self._lag_due:
+            self._lag_due = now + LAG_REFRESH
+            with contextlib.suppress(KafkaException):  # rebalancing: keep the last reading
+                self._lag = self._read_lag()
         return out
 
     def assignment(self) -> list[int]:
         return list(self.assigned)
 
     def lag(self) -> dict[int, int]:
-        """Records between the position and the end of each assigned partition (the end as of
-        the last fetch: local, no broker round trip); partitions with no position yet are left
-        out. For metrics; never call it concurrently with :meth:`close`."""
+        """Records between the position and the end of each assigned partition, as of the last
+        refresh (at most :data:`LAG_REFRESH` s before the last poll); partitions with no position
+        yet are left out. Safe from any thread: it does not touch the consumer, whose calls
+        confluent-kafka serialises (a metrics scrape asking it directly waited for the poll to
+        end, and under a busy poll loop for seconds)."""
+        return dict(self._lag)
+
+    def _read_lag(self) -> dict[int, int]:
+        """:meth:`lag`, read from the consumer (local state, no broker round trip)."""
         out: dict[int, int] = {}
         for tp in self._consumer.position(self._consumer.assignment()):
             if tp.offset < 0:

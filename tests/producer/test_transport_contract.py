@@ -388,6 +388,60 @@ def test_receivers_close_promptly(env: Env) -> None:
 
 
 @pytest.mark.integration
+def test_confluent_lag_counts_unread_records_and_never_waits_for_a_poll(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aggregator's metrics read the lag from the HTTP thread while its loop polls: the
+    answer comes from the receiver's own polls, not from the consumer (whose calls
+    confluent-kafka serialises: a scrape used to wait out the poll, for seconds)."""
+    import threading
+
+    from producer import kafka_confluent
+    from producer.kafka_confluent import ConfluentReceiver
+
+    monkeypatch.setattr(kafka_confluent, "LAG_REFRESH", 0.0)  # refresh at every poll
+    transport = make_transport("confluent", kafka_bootstrap)
+    topic = unique_topic(partitions=1)
+    assigned: list[list[int]] = []
+    receiver = transport.receiver(
+        topic, group=f"g-{uuid.uuid4().hex[:10]}", on_assign=assigned.append
+    )
+    assert isinstance(receiver, ConfluentReceiver)
+    sender = transport.sender()
+    try:
+        wait_assigned(receiver, assigned, {0})
+        barrier(sender, [receiver], topic, [0])
+        assert receiver.poll(0.3) == [] and receiver.lag() == {0: 0}
+        for i in range(3):
+            sender.send(topic, 0, f"r{i}".encode())
+        assert sender.flush(10) == 0
+        behind: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(behind) < 3 and time.monotonic() < deadline:
+            if receiver.poll(0.2, max_records=1):
+                behind.append(receiver.lag()[0])
+        assert len(behind) == 3 and behind[-1] == 0, behind
+        assert all(0 <= b <= 2 - i for i, b in enumerate(behind)), behind
+        assert max(behind) > 0, behind  # one fetch brought the three: two were unread
+
+        polled = threading.Event()
+        poller = threading.Thread(target=lambda: (receiver.poll(3.0), polled.set()))
+        poller.start()
+        time.sleep(0.3)
+        polling = not polled.is_set()
+        started = time.monotonic()
+        lag = receiver.lag()
+        took = time.monotonic() - started
+        poller.join(10)
+        assert polling, "the poll ended before lag() was asked: the test proves nothing"
+        assert took < 1.0, f"lag() waited {took:.2f} s for the poll"
+        assert lag == {0: 0}
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", KAFKA_KINDS)
 def test_two_group_members_split_the_partitions(
     kind: str, kafka_bootstrap: str, unique_topic: Callable[..., str]
