@@ -29,8 +29,8 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalled only when pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml | $(PY)
+# Reinstalled when pyproject.toml, setup.py or the compiled request path is newer than the stamp.
+$(STAMP): pyproject.toml setup.py limiter/_requestpath.c | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dev]'
 	@touch $@
 

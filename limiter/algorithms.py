@@ -339,6 +339,11 @@ LOG_MAX_TICK = (1 << 30) - 2
 #: year 1697; the last origin is in 2242). Floats: exact, and cheaper than large ints.
 LOG_BASE_UNIT = 16.0
 LOG_BASE_OFFSET = 2.0**33
+#: The first base whose origin is not before 1970 (origin >= 0). From it on ``now - origin`` is
+#: exact for every ``now`` after the origin (``0 <= now - origin <= now``: both lie on now's
+#: float grid), which the request paths' written-out steps rely on; rows with an earlier origin
+#: (test clocks near 0, negative times) go through :meth:`SlidingLog.consume`.
+LOG_EXACT_BASE = int(LOG_BASE_OFFSET / LOG_BASE_UNIT)
 
 
 class SlidingLog(Algorithm):
@@ -381,8 +386,21 @@ class SlidingLog(Algorithm):
         return base * LOG_BASE_UNIT - LOG_BASE_OFFSET
 
     def _tick(self, base: int, now: float) -> float:
-        """``now`` in ticks from the origin ``base`` names (a float: not rounded yet)."""
-        return (now - self._origin(base)) * self.scale
+        """``now`` in ticks from the origin ``base`` names (a float: not rounded yet).
+
+        Before :data:`LOG_EXACT_BASE`, ``now - origin`` may round (a tiny ``now`` against a
+        negative origin) and land on a whole tick the exact difference is just above or below:
+        it is then moved one float step the way the exact difference lies (its floor and ceiling
+        are then the exact ones; ``scale`` is a power of two, so the product adds no error)."""
+        origin = self._origin(base)
+        d = now - origin
+        x = d * self.scale
+        if base < LOG_EXACT_BASE and x == math.floor(x):
+            back = d - now  # two-sum: the exact error of d = now + (-origin)
+            err = (now - (d - back)) + (-origin - back)
+            if err:
+                x = math.nextafter(x, math.inf if err > 0 else -math.inf)
+        return x
 
     def _base_for(self, now: float) -> int:
         return max(1, math.floor((now - self.span + LOG_BASE_OFFSET) / LOG_BASE_UNIT))

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import compiled
 from .algorithms import (
     GCRA,
     LOG_BASE_OFFSET,
     LOG_BASE_UNIT,
+    LOG_EXACT_BASE,
     LOG_MAX_TICK,
     Algorithm,
     FixedWindow,
@@ -319,9 +321,11 @@ class RateLimiter:
                     x = (now - (base * LOG_BASE_UNIT - LOG_BASE_OFFSET)) * log_scale
                     head = s[b + 1]
                     v = s[b + 2 + head]  # type: ignore[call-overload]
-                    if v and v > x - log_wait:
+                    if base < LOG_EXACT_BASE:  # no origin yet, or one before 1970
+                        ok = consume(s, b, now, 1)  # type: ignore[misc]
+                    elif v and v > x - log_wait:
                         ok = False
-                    elif base and 0.0 < x <= LOG_MAX_TICK:
+                    elif 0.0 < x <= LOG_MAX_TICK:
                         c = int(x)
                         s[b + 2 + head] = c + 2 if c < x else c + 1  # type: ignore[call-overload]
                         s[b + 1] = head + 1 if head < log_last else 0
@@ -381,7 +385,41 @@ class RateLimiter:
             return wait_for_lease(client_id, 1).allowed
 
         allow_request.__doc__ = ALLOW_REQUEST_DOC
-        return allow_request
+        kind = compiled.KINDS.get(type(algo).__name__) if step is not None else None
+        fast = None
+        if kind is not None and not waits:
+            fast = compiled.decider(
+                fallback=allow_request,
+                clock=clock,
+                shards=shards,
+                shard_mask=shard_mask,
+                shift=shift,
+                width=width,
+                kind=kind,
+                consume=consume,
+                set_key=set_key if keyed else None,
+                max_id=_MAX_ID,
+                max_age=max_age,
+                max_skew=max_skew,
+                window=float(window),
+                capacity=capacity,
+                flimit=flimit,
+                interval=interval,
+                tolerance=tolerance,
+                rate=rate,
+                log_scale=log_scale,
+                log_wait=log_wait,
+                log_unit=LOG_BASE_UNIT,
+                log_offset=LOG_BASE_OFFSET,
+                log_max_tick=float(LOG_MAX_TICK),
+                log_exact_base=LOG_EXACT_BASE,
+                log_last=log_last,
+                expiry=EXPIRY,
+                tokens=TOKENS,
+                admitted=ADMITTED,
+                rejected=REJECTED,
+            )
+        return allow_request if fast is None else fast
 
     def clear_client(self, client_id: str) -> None:
         """Forget everything about ``client_id``: its next request starts with a full allowance."""

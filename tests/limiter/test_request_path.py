@@ -1,15 +1,33 @@
-"""``allow_request`` writes each algorithm's cost-1 step out inline (limiter/ratelimiter.py);
-these tests hold every copy to the algorithm's own ``consume()``, which ``check()`` calls."""
+"""``allow_request`` writes each algorithm's cost-1 step out inline, twice: in the pure-Python
+closure (limiter/ratelimiter.py) and in the compiled request path (limiter/_requestpath.c). These
+tests hold every copy, on both paths, to the algorithm's own ``consume()``, which ``check()``
+calls."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from paths import PATHS, request_path, uses
 from test_algorithms_properties import ALGOS, make_limiter
 
-from limiter import RateLimiter, Request
+from limiter import RateLimiter, Request, compiled
 from limiter.keys import client_key
+from limiter.lease import LeaseOptions
+
+
+def test_the_compiled_path_is_built_and_used_unless_turned_off() -> None:
+    assert compiled.built(), "limiter/_requestpath.c did not build (see setup.py)"
+    for path in PATHS:
+        with request_path(path):
+            for algorithm in ALGOS:
+                assert uses(RateLimiter(5, 1.0, algorithm=algorithm), path), (path, algorithm)
+            assert uses(RateLimiter(5, 1.0, mode="approximate"), path)
+    # several policies, or a cold start that waits: the closure, always
+    assert uses(RateLimiter.from_rates("5/second; 100/hour"), "python")
+    waits = LeaseOptions(cold_start="wait")
+    assert uses(RateLimiter(5, 1.0, mode="approximate", lease_options=waits), "python")
 
 
 @st.composite
@@ -34,13 +52,16 @@ def runs(draw: st.DrawFn) -> tuple[str, int, float, int | None, list[tuple[int, 
     return algorithm, limit, window, burst, times
 
 
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=300, deadline=None)
 @given(runs())
 def test_allow_request_decides_as_consume(
-    run: tuple[str, int, float, int | None, list[tuple[int, float]]],
+    path: str, run: tuple[str, int, float, int | None, list[tuple[int, float]]]
 ) -> None:
     algorithm, limit, window, burst, times = run
-    inline = make_limiter(algorithm, limit, window, burst)
+    with request_path(path):
+        inline = make_limiter(algorithm, limit, window, burst)
+    assert uses(inline, path)
     called = make_limiter(algorithm, limit, window, burst)
     for client, t in times:
         cid = f"c{client}"
@@ -51,6 +72,7 @@ def test_allow_request_decides_as_consume(
         assert inline.peek(cid, now=t) == called.peek(cid, now=t)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=150, deadline=None)
 @given(
     leases=st.lists(st.integers(0, 6), min_size=4, max_size=4),
@@ -58,14 +80,17 @@ def test_allow_request_decides_as_consume(
     reqs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 64)), max_size=60),
 )
 def test_allow_request_decides_as_consume_on_leases(
-    leases: list[int], expiry: float, reqs: list[tuple[int, int]]
+    path: str, leases: list[int], expiry: float, reqs: list[tuple[int, int]]
 ) -> None:
     """Approximate mode: the lease step written out (live lease: take a token or count a
     refusal) against ``LeaseAlgorithm.consume`` (also cold start and expired leases)."""
     now = [1000.0]
-    limiters = [
-        RateLimiter(100, 10.0, mode="approximate", clock=lambda: now[0], shards=2) for _ in range(2)
-    ]
+    with request_path(path):
+        limiters = [
+            RateLimiter(100, 10.0, mode="approximate", clock=lambda: now[0], shards=2)
+            for _ in range(2)
+        ]
+    assert uses(limiters[0], path)
     cids = [f"c{i}" for i in range(4)]
     keys = np.array([client_key(c) for c in cids], dtype=np.uint64)
     for lim in limiters:

@@ -126,10 +126,13 @@ def describe(name: str, x: dict[str, Any]) -> str:
 def test_notebook_runs_and_agrees(
     kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch, measured: Callable[[str], None]
 ) -> None:
-    """A disagreement must show in two runs: one 10 s real run on a shared machine can be an
-    outlier (once in CI, 9 points of utilisation above the simulator at the 0.5 s tick, where
-    every local run, loaded or not, lands within a point), and the run is cheap to repeat. Both
-    runs' figures are printed; a disagreement the second run repeats fails."""
+    """A disagreement must show in two runs. One real run in about fifty lands a tick's usage
+    read and the tick itself on either side of a window-bucket boundary (the consumer's poll
+    ends up to 1 ms early, the tick starts a few ms late, and the ticks' phase against the
+    bucket grid is whatever the start made it): the hot clients' tokens then come back a tick
+    early and utilisation at the 0.5 s tick is about 0.75-0.82 instead of the simulator's 2/3,
+    the bound still held (seen once in CI, reproduced in the simulator by shifting those
+    times). Both runs' figures are printed; a disagreement the second run repeats fails."""
     # the kernel inherits the environment: the notebook uses the session's broker
     monkeypatch.setenv("DRL_KAFKA_BOOTSTRAP", kafka_bootstrap)
     found, took = run_notebook(kafka_bootstrap)
