@@ -10,13 +10,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Only what the package build needs (pyproject's `readme` names README.md). confluent-kafka,
-# numpy and lz4 come as binary wheels, so no compiler is installed. The sources are removed
-# after the (non-editable) install.
-COPY pyproject.toml README.md /tmp/src/
+# numpy and lz4 come as binary wheels; gcc is installed for the compiled request path
+# (setup.py, limiter/_requestpath.c) and removed again, with the sources, after the
+# (non-editable) install.
+COPY pyproject.toml setup.py README.md /tmp/src/
 COPY limiter /tmp/src/limiter
 COPY producer /tmp/src/producer
 COPY aggregator /tmp/src/aggregator
-RUN pip install "/tmp/src[web]" \
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install "/tmp/src[web]" \
+    && python -c "from limiter import compiled; assert compiled.built()" \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
     && rm -rf /tmp/src \
     && useradd --system --uid 10001 --user-group --create-home --home-dir /app \
         --shell /usr/sbin/nologin drl

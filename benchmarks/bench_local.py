@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from limiter import RateLimiter, Request  # noqa: E402
+from limiter import RateLimiter, Request, compiled  # noqa: E402
 
 try:  # benchmark-only peer, never a runtime dependency of the limiter
     import limits
@@ -64,6 +64,8 @@ SMALL = (10, 10)
 #: client table keeps its full size and timed calls never insert.
 LARGE = (1_000_000, 100_000_000)
 ALGORITHMS = ("sliding_log", "token_bucket", "gcra", "fixed_window", "sliding_window")
+#: Algorithms also measured on the pure-Python request path (DRL_PURE_PYTHON=1).
+PURE_PYTHON_ROWS = ("sliding_log", "gcra")
 
 Shape = Literal["req", "one", "item"]
 Call = Callable[..., object]
@@ -121,14 +123,28 @@ def _floor(memory: bool) -> Built:
     return Built(allow, "req", tracked=buckets.__len__)
 
 
+def pure_python_limiter(*args: Any, **options: Any) -> RateLimiter:
+    """A ``RateLimiter`` on the pure-Python request path (the closure), built or not."""
+    old = os.environ.get(compiled.PURE_PYTHON_ENV)
+    os.environ[compiled.PURE_PYTHON_ENV] = "1"
+    try:
+        return RateLimiter(*args, **options)
+    finally:
+        if old is None:
+            del os.environ[compiled.PURE_PYTHON_ENV]
+        else:
+            os.environ[compiled.PURE_PYTHON_ENV] = old
+
+
 def _limiter(
-    algorithm: str, *, check: bool = False, metrics: bool = False
+    algorithm: str, *, check: bool = False, metrics: bool = False, pure: bool = False
 ) -> Callable[[bool], Built]:
     def build(memory: bool) -> Built:
         limit, window = SMALL if algorithm == "sliding_log" else LARGE
         if memory and algorithm == "sliding_log":
             window = 3600  # nothing turns idle while 1M clients are inserted
-        rl = RateLimiter(limit, window, algorithm=algorithm, metrics=metrics)
+        make = pure_python_limiter if pure else RateLimiter
+        rl = make(limit, window, algorithm=algorithm, metrics=metrics)
         if check:
             return Built(rl.check, "one", tracked=rl.__len__, table_bytes=rl.memory_bytes)
         return Built(rl.allow_request, "req", tracked=rl.__len__, table_bytes=rl.memory_bytes)
@@ -172,9 +188,14 @@ def contenders() -> list[Contender]:
     small = f"{s_lim} per {s_win} s"
     large = f"{l_lim:,} per {l_win:,} s"
     out = [Contender("floor: dict + plain function (token bucket)", large, _floor)]
+    path = "compiled" if compiled.enabled() else "pure Python: the extension is not built"
     for algo in ALGORITHMS:
         policy = small if algo == "sliding_log" else large
-        out.append(Contender(f"allow_request, {algo}", policy, _limiter(algo)))
+        out.append(Contender(f"allow_request, {algo} ({path})", policy, _limiter(algo)))
+    for algo in PURE_PYTHON_ROWS:
+        policy = small if algo == "sliding_log" else large
+        name = f"allow_request, {algo} (pure Python)"
+        out.append(Contender(name, policy, _limiter(algo, pure=True)))
     out.append(Contender("check() -> Decision, gcra", large, _limiter("gcra", check=True)))
     out.append(
         Contender("allow_request, gcra, metrics=True", large, _limiter("gcra", metrics=True))
@@ -426,8 +447,8 @@ def memory(cfg: Config, cs: list[Contender], log: Callable[[str], None]) -> list
     insert = blocks_of(ids, np.random.default_rng(cfg.seed + 1).permutation(n))
     out: list[MemRow] = []
     for c in cs:
-        if c.name.startswith("check()") or "metrics" in c.name:
-            continue  # same table as allow_request, gcra
+        if c.name.startswith("check()") or "metrics" in c.name or "(pure Python)" in c.name:
+            continue  # the same table as the compiled allow_request row
         t0 = time.perf_counter()
         gc.collect()
         tracemalloc.start()
@@ -572,7 +593,7 @@ def breakdown(cfg: Config, log: Callable[[str], None]) -> Breakdown:
     rng = np.random.default_rng(cfg.seed + 2)
     timed = blocks_of(ids, rng.integers(0, n, cfg.breakdown_calls))
     allow, _ = make_floor(*LARGE)
-    rl = RateLimiter(*LARGE, algorithm="gcra")
+    rl = pure_python_limiter(*LARGE, algorithm="gcra")
     run_blocks(Built(allow, "req"), blocks_of(ids, rng.permutation(n)))
     run_blocks(Built(rl.allow_request, "req"), blocks_of(ids, rng.permutation(n)))
     cut = _Steps(rl)
@@ -593,7 +614,7 @@ def breakdown(cfg: Config, log: Callable[[str], None]) -> Breakdown:
             4,
         ),
         ("+ shard lock acquire/release (try/finally)", cut.locked, 5),
-        ("+ algorithm consume() and the rest = allow_request", rl.allow_request, 6),
+        ("+ the gcra step and the rest = allow_request (pure Python)", rl.allow_request, 6),
     ]
     times: list[list[float]] = [[] for _ in variants]
     for r in range(cfg.rounds):
@@ -608,7 +629,9 @@ def breakdown(cfg: Config, log: Callable[[str], None]) -> Breakdown:
     ]
     for st in out:
         log(f"  breakdown {st.step:<75} {st.ns:7.1f} ns/call")
-    return Breakdown(f"gcra, {LARGE[0]:,} per {LARGE[1]:,} s, {n:,} clients", out)
+    return Breakdown(
+        f"the pure-Python closure, gcra, {LARGE[0]:,} per {LARGE[1]:,} s, {n:,} clients", out
+    )
 
 
 # -- report -------------------------------------------------------------------------------------
