@@ -168,8 +168,8 @@ call_insert(Decider *d, PyObject *shard, PyObject *cid, Py_hash_t h, double now)
     Py_ssize_t row = -2;
     if (ph != NULL && pnow != NULL) {
         PyObject *args[3] = {shard, ph, pnow};
-        PyObject *r = PyObject_VectorcallMethod(
-            s_insert, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        /* no PY_VECTORCALL_ARGUMENTS_OFFSET: args[-1] is not ours to lend */
+        PyObject *r = PyObject_VectorcallMethod(s_insert, args, 3, NULL);
         if (r != NULL) {
             row = PyLong_AsSsize_t(r);
             Py_DECREF(r);

@@ -108,3 +108,44 @@ def test_allow_request_decides_as_consume_on_leases(
     for field in ("keys", "admitted", "extra", "rejected", "released"):
         x, y = getattr(a, field), getattr(b, field)
         assert np.array_equal(x[np.argsort(a.keys)], y[np.argsort(b.keys)]), field
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_compiled_and_python_paths_agree_through_growth_reclaim_and_capacity(
+    algorithm: str,
+) -> None:
+    """Thousands of clients on 2 shards: the index doubles and re-places its keys, the rows grow,
+    idle clients are reclaimed and their rows reused, and a full table refuses newcomers
+    (``max_clients``). The compiled path must follow every swap of the shards' arrays: both
+    paths decide every request alike, and hold the same clients."""
+    now = [1_000.0]
+    limiters = []
+    for path in PATHS:
+        with request_path(path):
+            lim = RateLimiter(3, 2.0, algorithm=algorithm, clock=lambda: now[0], shards=2)
+            limiters.append(lim)
+            assert uses(lim, path)
+    small = []
+    for path in PATHS:
+        with request_path(path):
+            small.append(
+                RateLimiter(
+                    3, 2.0, algorithm=algorithm, shards=2, max_clients=64, clock=lambda: now[0]
+                )
+            )
+    rng = np.random.default_rng(7)
+    refused_new = 0
+    for step in range(6_000):
+        if step % 1_500 == 1_499:
+            now[0] += 10.0  # every client idle: the next inserts reclaim them
+        now[0] += 0.001
+        cid = f"client-{int(rng.integers(0, 4_000))}"
+        req = Request(now[0])
+        a, b = (lim.allow_request(cid, req) for lim in limiters)
+        assert a == b, (step, cid)
+        c, d = (lim.allow_request(cid, req) for lim in small)
+        assert c == d, (step, cid)
+        refused_new += not c
+    assert len(limiters[0]) == len(limiters[1]) > 1_000
+    assert len(small[0]) == len(small[1]) <= 64
+    assert refused_new > 0
