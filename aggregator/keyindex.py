@@ -49,9 +49,15 @@ class KeyIndex:
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key, -1 where absent."""
-        keys = np.asarray(keys, dtype=np.uint64)
+        return self._probe(np.asarray(keys, dtype=np.uint64))[0]
+
+    def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(slot, end)`` of each key (uint64): its slot (-1 where absent) and the table position
+        its probe ended at (its own, or the first empty one from its home: equal keys end at
+        the same position)."""
         mask = self.keys.size - 1
         pos = self._home(keys)
+        end = pos.copy()
         # the first probe for every key at once (most keys are found there)
         here = self.keys[pos]
         hit = here == keys
@@ -70,35 +76,58 @@ class KeyIndex:
             cols = np.arange(waiting.size)
             found = match[first, cols]
             out[waiting[found]] = self.slot_of[p[first[found], cols[found]]]
-            waiting = waiting[~stop[first, cols]]  # no match and no empty position yet
+            stopped = stop[first, cols]
+            end[waiting[stopped]] = p[first[stopped], cols[stopped]]
+            waiting = waiting[~stopped]  # no match and no empty position yet
             pos[waiting] += width
             width *= 4
-        return out
+        return out, end
 
     def lookup_or_insert(self, keys: np.ndarray) -> np.ndarray:
         """Slot of each key, giving new keys the next free slots (in order of first sight).
 
-        All keys are looked up first; only the missing ones (none, in a steady state) are
-        sorted to find the distinct new keys and their first sight."""
+        All keys are looked up first; the missing ones (none, in a steady state) that end their
+        probes at distinct empty positions are distinct and take slots in their order; otherwise
+        they are sorted to find the distinct new keys and their first sight."""
         keys = np.asarray(keys, dtype=np.uint64)
-        slots = self.lookup(keys)
+        slots, end = self._probe(keys)
         missing = np.flatnonzero(slots < 0)
-        if missing.size:
-            unique, first, inverse = np.unique(
-                keys[missing], return_index=True, return_inverse=True
-            )
+        if not missing.size:
+            return slots
+        new_keys = keys[missing]
+        if self._distinct_ends(end[missing], new_keys):
+            unique, rank = new_keys, np.arange(missing.size)
+        else:
+            unique, first, inverse = np.unique(new_keys, return_index=True, return_inverse=True)
             order = np.argsort(first, kind="stable")  # new keys in order of first sight
+            unique = unique[order]
             rank = np.empty(unique.size, dtype=np.int64)
             rank[order] = np.arange(unique.size)
-            while (self.size + unique.size) * 2 > self.keys.size:
-                self._rebuild(self.keys.size * 2)
-            new = np.arange(self.size, self.size + unique.size)
-            self._ensure_slots(self.size + unique.size)
-            self.slot_keys[new] = unique[order]
-            self._place(unique[order], new)
-            slots[missing] = self.size + rank[inverse.reshape(-1)]
-            self.size += unique.size
+            rank = rank[inverse.reshape(-1)]
+        while (self.size + unique.size) * 2 > self.keys.size:
+            self._rebuild(self.keys.size * 2)
+        new = np.arange(self.size, self.size + unique.size)
+        self._ensure_slots(self.size + unique.size)
+        self.slot_keys[new] = unique
+        self._place(unique, new)
+        slots[missing] = self.size + rank
+        self.size += unique.size
         return slots
+
+    def _distinct_ends(self, at: np.ndarray, keys: np.ndarray) -> bool:
+        """Whether absent ``keys``, whose probes ended at the empty positions ``at``, are
+        distinct (equal keys end at one position): each writes its index + 1 at its position
+        of the table (just probed: in cache; restored to empty after) and reads it back; the
+        keys that share a position are compared by a sort (few: those of colliding probes)."""
+        mark = np.arange(1, at.size + 1, dtype=np.uint64)
+        self.keys[at] = mark
+        won = self.keys[at]
+        self.keys[at] = 0
+        lost = np.flatnonzero(won != mark)
+        if not lost.size:
+            return True
+        shared = np.unique(np.concatenate((lost, won[lost].astype(np.int64) - 1)))
+        return bool(np.unique(keys[shared]).size == shared.size)
 
     @classmethod
     def of_distinct(cls, keys: np.ndarray) -> KeyIndex:

@@ -105,6 +105,27 @@ def test_lookup_of_a_big_index_matches_the_slots() -> None:
     assert (index.lookup(ids[pick] + np.uint64(MAX_SERVERS // 2)) == -1).all()
 
 
+@settings(deadline=None, max_examples=60)
+@given(st.integers(0, 2**32), st.integers(1, 400), st.integers(0, 40))
+def test_new_keys_colliding_on_their_end_positions(seed: int, new: int, repeats: int) -> None:
+    """New keys whose probes end at one empty position (a crowded table): distinct ones take
+    slots in order without a sort, repeated ones (equal keys end alike) once each; the table's
+    empty positions stay empty (key 0, slot -1)."""
+    rng = np.random.default_rng(seed)
+    index = KeyIndex(capacity=512)
+    slots: dict[int, int] = {}
+    old = rng.integers(1, U64, 300, dtype=np.uint64).tolist()
+    assert index.lookup_or_insert(arr(old)).tolist() == first_sight(slots, old)
+    fresh = rng.integers(1, U64, new, dtype=np.uint64).tolist()
+    batch = fresh + [fresh[i] for i in rng.integers(0, new, repeats)] + old[:20]
+    rng.shuffle(batch)
+    assert index.lookup_or_insert(arr(batch)).tolist() == first_sight(slots, batch)
+    assert index.slot_keys[: len(slots)].tolist() == list(slots)
+    empty = index.keys == 0
+    assert (index.slot_of[empty] == -1).all()
+    assert int((~empty).sum()) == len(slots)
+
+
 # -- ChargeRing ----------------------------------------------------------------------------------
 
 
