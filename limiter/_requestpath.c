@@ -21,6 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* kinds: position + 1 in limiter/ratelimiter.py WRITTEN_OUT */
 enum { K_LOG = 1, K_LEASE = 2, K_GCRA = 3, K_BUCKET = 4, K_FIXED = 5, K_SLIDING = 6 };
 
 typedef struct {

@@ -29,16 +29,6 @@ try:
 except ImportError:  # built without a C compiler
     _module = None
 
-#: Algorithm kinds, as ``_requestpath.c`` numbers them (by the algorithm class's name).
-KINDS = {
-    "SlidingLog": 1,
-    "LeaseAlgorithm": 2,
-    "GCRA": 3,
-    "TokenBucket": 4,
-    "FixedWindow": 5,
-    "SlidingWindow": 6,
-}
-
 
 def built() -> bool:
     """True when the extension is importable."""

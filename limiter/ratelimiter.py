@@ -83,6 +83,16 @@ class Usage:
 
 
 _MAX_ID = MAX_CLIENT_ID_LENGTH
+#: The algorithms whose cost-1 step ``allow_request`` writes out, in the order of
+#: ``limiter/_requestpath.c``'s kinds (kind = position + 1).
+WRITTEN_OUT: tuple[type[Algorithm], ...] = (
+    SlidingLog,
+    LeaseAlgorithm,
+    GCRA,
+    TokenBucket,
+    FixedWindow,
+    SlidingWindow,
+)
 
 ALLOW_REQUEST_DOC = """Admit (True) or refuse one request of ``client_id`` at ``request.timestamp``.
 
@@ -271,8 +281,7 @@ class RateLimiter:
         # step: a test of a local flag is the cheapest branch
         step = type(algo) if consume is not None else None
         is_log, is_lease, is_gcra, is_bucket, is_fixed, is_sliding = (
-            step is t
-            for t in (SlidingLog, LeaseAlgorithm, GCRA, TokenBucket, FixedWindow, SlidingWindow)
+            step is t for t in WRITTEN_OUT
         )
         window, limit = algo.window, algo.limit
         capacity, flimit = float(algo.capacity), float(limit)
@@ -385,9 +394,8 @@ class RateLimiter:
             return wait_for_lease(client_id, 1).allowed
 
         allow_request.__doc__ = ALLOW_REQUEST_DOC
-        kind = compiled.KINDS.get(type(algo).__name__) if step is not None else None
         fast = None
-        if kind is not None and not waits:
+        if step in WRITTEN_OUT and not waits:
             fast = compiled.decider(
                 fallback=allow_request,
                 clock=clock,
@@ -395,7 +403,7 @@ class RateLimiter:
                 shard_mask=shard_mask,
                 shift=shift,
                 width=width,
-                kind=kind,
+                kind=WRITTEN_OUT.index(step) + 1,
                 consume=consume,
                 set_key=set_key if keyed else None,
                 max_id=_MAX_ID,
